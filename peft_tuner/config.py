@@ -1,0 +1,307 @@
+"""One typed config for a run: model, data, peft, train, eval, generate.
+
+A recipe YAML fills it, `section.key=value` overrides on the command line change it, and `validate` checks it once,
+reporting every problem together. The resolved config is written next to every adapter and read back by merge and
+evaluate.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe or override the user wrote is wrong; the message says what to change."""
+
+
+def _help(default, text: str, **kw):
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": text}, **kw)
+    return field(default=default, metadata={"help": text}, **kw)
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = _help("", "Hub id or local folder of the base causal LM (a folder holding a .gguf file works).")
+    gguf_file: Optional[str] = _help(None, "Name of a GGUF file inside `name_or_path` to load and dequantize.")
+    dtype: str = _help("fp32", "Weights dtype for training: fp32, bf16 or fp16.")
+    gradient_checkpointing: bool = _help(False, "Recompute activations in backward to save memory.")
+    trust_remote_code: bool = _help(False, "Allow model code from the model folder (hub models with custom code).")
+
+
+@dataclass
+class DataConfig:
+    task: str = _help("classification", "classification (prompt + label text) or text (plain text, packed blocks).")
+    train_file: str = _help("", "Training data: csv/json/jsonl/parquet file, RAFT folder, or hub spec NAME[:CONFIG][@SPLIT].")
+    eval_file: Optional[str] = _help(None, "Labelled evaluation data, same forms as train_file (a RAFT folder gives dev.csv).")
+    test_file: Optional[str] = _help(None, "Unlabelled test data (a RAFT folder gives test_unlabeled.csv).")
+    text_column: Optional[str] = _help(None, "Column holding the input text; default: the RAFT task.json's first data column.")
+    label_column: Optional[str] = _help(None, "Column holding the label; default: the RAFT task.json's label column.")
+    id_column: str = _help("ID", "Column holding the example id, used in RAFT submission files.")
+    prompt_template: Optional[str] = _help(None, "Prompt with {column} placeholders; default '<text column> : {<text column>} Label : '.")
+    class_names: Optional[list[str]] = _help(None, "Class names in order; default: task.json, dataset features, or the sorted labels.")
+    label_words: Optional[dict[str, str]] = _help(None, "Text the model writes for each class, if not the class name.")
+    max_length: int = _help(256, "Longest sequence in tokens; longer prompts lose their start, never the label.")
+    empty_text: str = _help("drop", "What to do with empty or all-whitespace texts: drop (and count) or error.")
+    max_rows: Optional[int] = _help(None, "Use only the first N rows of each split (quick runs).")
+
+
+PEFT_METHODS = ("lora", "ia3", "prompt_tuning", "prefix_tuning", "p_tuning", "adalora", "full")
+PROMPT_LEARNING_METHODS = ("prompt_tuning", "prefix_tuning", "p_tuning")
+
+
+@dataclass
+class PeftSettings:
+    method: str = _help("lora", f"One of {', '.join(PEFT_METHODS)}.")
+    target_modules: Optional[Union[str, list[str]]] = _help(None, "Module names to adapt, or 'all-linear'; default from the architecture.")
+    r: int = _help(8, "LoRA / AdaLoRA rank.")
+    alpha: int = _help(16, "LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) with use_rslora).")
+    dropout: float = _help(0.05, "Dropout on the LoRA input.")
+    use_rslora: bool = _help(False, "Rank-stabilized LoRA scaling alpha / sqrt(r).")
+    use_dora: bool = _help(False, "Weight-decomposed LoRA (DoRA).")
+    num_virtual_tokens: int = _help(20, "Virtual tokens for prompt tuning, prefix tuning and P-tuning.")
+    prompt_init_text: Optional[str] = _help(None, "Initialise prompt tuning from this text instead of random vectors.")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = _help(3, "Passes over the training data.")
+    learning_rate: float = _help(3e-4, "Peak learning rate of AdamW.")
+    weight_decay: float = _help(0.0, "AdamW weight decay.")
+    batch_size: int = _help(8, "Micro-batch per process (DeepSpeed's train_micro_batch_size_per_gpu).")
+    gradient_accumulation: int = _help(1, "Micro-batches per optimizer step.")
+    lr_scheduler: str = _help("linear", "linear, cosine or constant, after warmup.")
+    warmup_ratio: float = _help(0.0, "Share of the optimizer steps spent warming up linearly from 0.")
+    max_grad_norm: float = _help(1.0, "Gradient clipping norm (0 turns clipping off).")
+    seed: int = _help(42, "Seed for weights init, data order and dropout: two runs with one seed are identical.")
+    checkpoint_steps: int = _help(0, "Write a resumable checkpoint every N optimizer steps (0: only on SIGTERM).")
+    keep_checkpoints: int = _help(2, "How many of the newest checkpoints to keep.")
+    log_steps: int = _help(1, "Log every N optimizer steps.")
+
+
+@dataclass
+class EvalConfig:
+    method: str = _help("rank", "rank (log-likelihood of each class name) or generate (decode and match).")
+    batch_size: int = _help(16, "Prompts per forward pass.")
+    max_new_tokens: int = _help(5, "Tokens to decode with method=generate.")
+    num_beams: int = _help(1, "Beams with method=generate.")
+    calibrate: bool = _help(False, "Divide class probabilities by their content-free prior (rank method).")
+
+
+@dataclass
+class GenerateConfig:
+    max_new_tokens: int = _help(32, "Tokens to generate per prompt.")
+    num_beams: int = _help(1, "Beam search width (1: no beam search).")
+    do_sample: bool = _help(False, "Sample instead of greedy / beam decoding.")
+    temperature: float = _help(1.0, "Sampling temperature.")
+    top_k: int = _help(50, "Sample among the k most likely tokens (0: no limit).")
+    top_p: float = _help(1.0, "Sample among the smallest set of tokens whose probability reaches p.")
+    num_return_sequences: int = _help(1, "Outputs per prompt.")
+    batch_size: int = _help(8, "Prompts per generate call.")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    peft: PeftSettings = field(default_factory=PeftSettings)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    deepspeed: Optional[str] = _help(None, "DeepSpeed JSON config (ds_configs/zero2.json ...); its 'auto' values come from this recipe.")
+    output_dir: str = _help("outputs/run", "Where the adapter, logs and checkpoints go.")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Loading: YAML + dotted overrides fill the same object
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Read a recipe, apply `section.key=value` overrides, check types and values; raise one ConfigError for all."""
+    raw: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"recipe {path}: no such file")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"recipe {path}: not valid YAML: {e}") from e
+        if not isinstance(raw, dict):
+            raise ConfigError(f"recipe {path}: expected a mapping of sections at the top level")
+    problems: list[str] = []
+    for item in overrides or []:
+        if "=" not in item:
+            problems.append(f"override '{item}': write it as section.key=value, e.g. train.epochs=1")
+            continue
+        key, value = item.split("=", 1)
+        _set_dotted(raw, key.strip(), yaml.safe_load(value) if value.strip() else None)
+    cfg = _build(Config, raw, "", problems)
+    problems += validate(cfg)
+    if problems:
+        where = f" in {path}" if path else ""
+        raise ConfigError(f"{len(problems)} problem(s) with the config{where}:\n  - " + "\n  - ".join(problems))
+    return cfg
+
+
+def config_from_dict(raw: dict) -> Config:
+    problems: list[str] = []
+    cfg = _build(Config, raw, "", problems)
+    if problems:
+        raise ConfigError("\n  - ".join(["problems with the saved config:"] + problems))
+    return cfg
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True))
+
+
+def _set_dotted(raw: dict, key: str, value: Any) -> None:
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[parts[-1]] = value
+
+
+def all_keys(cls=Config, prefix: str = "") -> list[str]:
+    keys = []
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
+            keys += all_keys(f.default_factory, f"{prefix}{f.name}.")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def _build(cls, raw: Any, prefix: str, problems: list[str]):
+    if not isinstance(raw, dict):
+        problems.append(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        dotted = prefix + str(key)
+        if key not in fields:
+            close = difflib.get_close_matches(dotted, all_keys(), n=1, cutoff=0.6)
+            hint = f": did you mean {close[0]}?" if close else f"; known keys here: {', '.join(fields)}"
+            problems.append(f"{dotted}: unknown key{hint}")
+            continue
+        f = fields[key]
+        if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory):
+            kwargs[key] = _build(f.default_factory, value or {}, dotted + ".", problems)
+        else:
+            ok, converted = _coerce(value, hints[key])
+            if ok:
+                kwargs[key] = converted
+            else:
+                problems.append(f"{dotted}: expected {_type_name(hints[key])}, got {value!r}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint) -> tuple[bool, Any]:
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(hint):
+            ok, v = _coerce(value, arg)
+            if ok:
+                return True, v
+        return False, None
+    if hint is type(None):
+        return value is None, None
+    if origin is list:
+        if isinstance(value, str):
+            value = [value] if "," not in value else [v.strip() for v in value.split(",")]
+        if not isinstance(value, list):
+            return False, None
+        (arg,) = typing.get_args(hint)
+        out = [_coerce(v, arg) for v in value]
+        return all(ok for ok, _ in out), [v for _, v in out]
+    if origin is dict:
+        return isinstance(value, dict), {str(k): str(v) for k, v in (value or {}).items()} if isinstance(value, dict) else None
+    if hint is bool:
+        return isinstance(value, bool), value
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if hint is float:
+        if isinstance(value, str):
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, None
+        return isinstance(value, (int, float)) and not isinstance(value, bool), float(value) if isinstance(value, (int, float)) else None
+    if hint is str:
+        return isinstance(value, (str, int, float)) and not isinstance(value, bool), str(value)
+    return True, value
+
+
+def _type_name(hint) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(hint))
+    if hint is type(None):
+        return "null"
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(hint)[0])}"
+    if origin is dict:
+        return "a mapping"
+    return getattr(hint, "__name__", str(hint))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Validation: every impossible value or combination, each naming its key
+
+
+def validate(cfg: Config) -> list[str]:
+    problems = []
+
+    def check(ok: bool, message: str):
+        if not ok:
+            problems.append(message)
+
+    check(cfg.model.dtype in ("fp32", "bf16", "fp16"), f"model.dtype: '{cfg.model.dtype}' is not one of fp32, bf16, fp16")
+    check(cfg.data.task in ("classification", "text"), f"data.task: '{cfg.data.task}' is not one of classification, text")
+    check(cfg.data.empty_text in ("drop", "error"), f"data.empty_text: '{cfg.data.empty_text}' is not one of drop, error")
+    check(cfg.data.max_length >= 8, f"data.max_length: {cfg.data.max_length} is too short; use at least 8 tokens")
+    check(cfg.data.max_rows is None or cfg.data.max_rows > 0, "data.max_rows: must be positive")
+    if cfg.peft.method not in PEFT_METHODS:
+        close = difflib.get_close_matches(cfg.peft.method, PEFT_METHODS, n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        problems.append(f"peft.method: '{cfg.peft.method}' is not one of {', '.join(PEFT_METHODS)}{hint}")
+    check(cfg.peft.r > 0, "peft.r: must be positive")
+    check(0 <= cfg.peft.dropout < 1, "peft.dropout: must be in [0, 1)")
+    check(cfg.peft.num_virtual_tokens > 0, "peft.num_virtual_tokens: must be positive")
+    check(not (cfg.peft.use_dora and cfg.peft.method != "lora"), "peft.use_dora: only applies to peft.method=lora")
+    check(not (cfg.peft.use_rslora and cfg.peft.method not in ("lora", "adalora")), "peft.use_rslora: only applies to peft.method=lora")
+    check(cfg.train.epochs > 0, "train.epochs: must be positive")
+    check(cfg.train.learning_rate > 0, "train.learning_rate: must be positive")
+    check(cfg.train.batch_size > 0, "train.batch_size: must be positive")
+    check(cfg.train.gradient_accumulation > 0, "train.gradient_accumulation: must be positive")
+    check(cfg.train.lr_scheduler in ("linear", "cosine", "constant"), f"train.lr_scheduler: '{cfg.train.lr_scheduler}' is not one of linear, cosine, constant")
+    check(0 <= cfg.train.warmup_ratio < 1, "train.warmup_ratio: must be in [0, 1)")
+    check(cfg.train.max_grad_norm >= 0, "train.max_grad_norm: must be >= 0")
+    check(cfg.train.checkpoint_steps >= 0, "train.checkpoint_steps: must be >= 0")
+    check(cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints: must be >= 1")
+    check(cfg.train.log_steps >= 1, "train.log_steps: must be >= 1")
+    check(cfg.eval.method in ("rank", "generate"), f"eval.method: '{cfg.eval.method}' is not one of rank, generate")
+    check(cfg.eval.batch_size > 0, "eval.batch_size: must be positive")
+    check(cfg.generate.num_return_sequences <= max(cfg.generate.num_beams, 1) or cfg.generate.do_sample,
+          "generate.num_return_sequences: greedy decoding returns one sequence; raise generate.num_beams or set generate.do_sample=true")
+    check(cfg.generate.temperature > 0, "generate.temperature: must be positive")
+    check(0 < cfg.generate.top_p <= 1, "generate.top_p: must be in (0, 1]")
+    if cfg.data.prompt_template is not None:
+        check("{" in cfg.data.prompt_template, "data.prompt_template: name at least one column in braces, e.g. '{Tweet text}'")
+    return problems

@@ -1,0 +1,198 @@
+"""Turn rows into token sequences: prompt + label (classification) or packed blocks (plain text); collate batches.
+
+Classification follows the reference recipe: input = prompt + label text + EOS, labels -100 on the prompt and on
+padding, left padding to the longest sequence of the batch. A prompt longer than `max_length` loses its start; the end
+of the template (`Label : `) and the label always stay.
+"""
+from __future__ import annotations
+
+import string
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from peft_tuner.config import DataConfig
+from peft_tuner.data.sources import DataError, Table
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class ClassificationTask:
+    text_column: str
+    label_column: str
+    prompt_template: str
+    class_names: list[str]
+    label_words: dict[str, str]  # class name -> the text the model writes for it
+
+    @property
+    def template_columns(self) -> list[str]:
+        return [name for _, name, _, _ in string.Formatter().parse(self.prompt_template) if name]
+
+    def prompt(self, row: dict) -> str:
+        return self.prompt_template.format_map({c: str(row.get(c, "") or "") for c in self.template_columns})
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Split:
+    rows: list[dict]
+    source: str
+    dropped_empty: int = 0
+    labelled: bool = True
+
+
+def build_task(cfg: DataConfig, table: Table) -> ClassificationTask:
+    """Decide columns, template and class names from the config and the training table; check them all."""
+    text_column = cfg.text_column or table.default_text_column
+    label_column = cfg.label_column or table.default_label_column
+    problems = []
+    if text_column is None:
+        problems.append(f"data.text_column: not set and {table.source} does not say; columns there: {', '.join(table.columns)}")
+    elif text_column not in table.columns:
+        problems.append(f"data.text_column: '{text_column}' is not a column of {table.source}; columns there: {', '.join(table.columns)}")
+    if label_column is None:
+        problems.append(f"data.label_column: not set and {table.source} does not say; columns there: {', '.join(table.columns)}")
+    elif label_column not in table.columns:
+        problems.append(f"data.label_column: '{label_column}' is not a column of {table.source}; columns there: {', '.join(table.columns)}")
+    template = cfg.prompt_template or f"{text_column} : {{{text_column}}} Label : "
+    try:
+        fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as e:
+        raise DataError(f"data.prompt_template: {e}; write columns as {{column}} and literal braces as {{{{ }}}}") from e
+    for name in fields:
+        if name == "" or name not in table.columns:
+            problems.append(f"data.prompt_template: names column '{name}', which {table.source} does not have; "
+                            f"columns there: {', '.join(table.columns)}")
+    if problems:
+        raise DataError("\n  - ".join(["the data does not fit the config:"] + problems))
+    class_names = cfg.class_names or table.class_names
+    if not class_names:
+        class_names = sorted({str(r[label_column]) for r in table.rows if r.get(label_column) not in (None, "")})
+    label_words = {name: (cfg.label_words or {}).get(name, name) for name in class_names}
+    unknown_words = set(cfg.label_words or {}) - set(class_names)
+    if unknown_words:
+        raise DataError(f"data.label_words: {sorted(unknown_words)} are not classes; the classes are {class_names}")
+    return ClassificationTask(text_column, label_column, template, list(class_names), label_words)
+
+
+def prepare_split(task: ClassificationTask, table: Table, cfg: DataConfig, require_labels: bool) -> Split:
+    """Check every row: text present (drop or refuse empties), label a known class; count what was dropped."""
+    if task.text_column not in table.columns:
+        raise DataError(f"{table.source}: no column '{task.text_column}' (data.text_column); columns there: {', '.join(table.columns)}")
+    missing = [c for c in task.template_columns if c not in table.columns]
+    if missing:
+        raise DataError(f"{table.source}: data.prompt_template names {missing}, not columns here: {', '.join(table.columns)}")
+    labelled = task.label_column in table.columns
+    if require_labels and not labelled:
+        raise DataError(f"{table.source}: no label column '{task.label_column}' (data.label_column); columns there: {', '.join(table.columns)}")
+    rows, dropped = [], 0
+    known = set(task.class_names)
+    for index, row in enumerate(table.rows[: cfg.max_rows] if cfg.max_rows else table.rows):
+        text = row.get(task.text_column)
+        if text is None or not str(text).strip():
+            if cfg.empty_text == "error":
+                raise DataError(f"{table.source}: row {index + 1} has an empty '{task.text_column}'; remove it or set data.empty_text=drop")
+            dropped += 1
+            continue
+        if labelled:
+            label = row.get(task.label_column)
+            label = None if label is None or str(label) == "" else str(label)
+            if label is not None and label not in known:
+                raise DataError(f"{table.source}: row {index + 1}: label '{label}' is not a known class {task.class_names}; "
+                                f"fix the row or set data.class_names")
+            if label is None and require_labels:
+                raise DataError(f"{table.source}: row {index + 1} has no label in '{task.label_column}'")
+            row = {**row, task.label_column: label}
+        rows.append(row)
+    if not rows:
+        raise DataError(f"{table.source}: no rows left to use ({dropped} empty texts dropped)")
+    return Split(rows=rows, source=table.source, dropped_empty=dropped, labelled=labelled)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Tokenization
+
+
+@dataclass
+class Encoder:
+    """Tokenizes prompts and labels the same way for training, rank classification and generation."""
+
+    tokenizer: object
+    task: ClassificationTask
+    max_length: int
+    prefix: list[int] = field(default_factory=list)  # special tokens the tokenizer puts first (BOS)
+
+    def __post_init__(self):
+        probe_special = self.tokenizer("hello")["input_ids"]
+        probe_plain = self.tokenizer("hello", add_special_tokens=False)["input_ids"]
+        n = len(probe_plain)
+        start = next((i for i in range(len(probe_special) - n + 1) if probe_special[i:i + n] == probe_plain), 0)
+        self.prefix = list(probe_special[:start])
+        self.label_ids = {name: self._plain(word) + [self.tokenizer.eos_token_id] for name, word in self.task.label_words.items()}
+        suffix = self.task.prompt_template.rsplit("}", 1)[-1]
+        self.suffix_len = len(self._plain(suffix)) if suffix else 0
+        longest = max(len(ids) for ids in self.label_ids.values())
+        room = self.max_length - len(self.prefix) - longest - self.suffix_len
+        if room < 1:
+            raise DataError(f"data.max_length: {self.max_length} tokens cannot hold the template's end '{suffix}' "
+                            f"({self.suffix_len} tokens) and the longest label ({longest} tokens with EOS); "
+                            f"raise it to at least {self.max_length - room + 1}")
+
+    def _plain(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def prompt_ids(self, row: dict, reserve: Optional[int] = None) -> tuple[list[int], bool]:
+        """Prompt tokens, cut at the start to leave `reserve` tokens for the label; returns (ids, was_cut)."""
+        body = self._plain(self.task.prompt(row))
+        reserve = max(len(ids) for ids in self.label_ids.values()) if reserve is None else reserve
+        keep = self.max_length - len(self.prefix) - reserve
+        if len(body) > keep:
+            return self.prefix + body[len(body) - keep:], True
+        return self.prefix + body, False
+
+    def training_example(self, row: dict) -> tuple[dict, bool]:
+        label_ids = self.label_ids[row[self.task.label_column]]
+        prompt, cut = self.prompt_ids(row, reserve=len(label_ids))
+        return {"input_ids": prompt + label_ids, "labels": [IGNORE_INDEX] * len(prompt) + label_ids}, cut
+
+
+def encode_training_rows(encoder: Encoder, rows: list[dict]) -> tuple[list[dict], int]:
+    examples, cut = [], 0
+    for row in rows:
+        example, was_cut = encoder.training_example(row)
+        examples.append(example)
+        cut += was_cut
+    return examples, cut
+
+
+def pack_text(tokenizer, texts: list[str], block_size: int) -> list[dict]:
+    """Plain-text task: tokenize every line, join with EOS, cut into full blocks of `block_size` tokens."""
+    stream: list[int] = []
+    for text in texts:
+        if text.strip():
+            stream += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    n_blocks = len(stream) // block_size
+    if n_blocks == 0:
+        raise DataError(f"the text holds {len(stream)} tokens, fewer than one block of data.max_length={block_size}")
+    return [{"input_ids": stream[i * block_size:(i + 1) * block_size], "labels": stream[i * block_size:(i + 1) * block_size]}
+            for i in range(n_blocks)]
+
+
+def collate(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Left-pad to the longest sequence of this batch; -100 labels and 0 attention on padding; positions from the mask."""
+    width = max(len(e["input_ids"]) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        input_ids[i, width - n:] = torch.tensor(e["input_ids"])
+        attention_mask[i, width - n:] = 1
+        if "labels" in e:
+            labels[i, width - n:] = torch.tensor(e["labels"])
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "position_ids": position_ids}

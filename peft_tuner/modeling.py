@@ -1,0 +1,173 @@
+"""Load a base causal LM (hub id, local folder, GGUF file) and wrap it with a PEFT method.
+
+Knows nothing of distribution: the engine partitions what this returns.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from peft_tuner.config import PROMPT_LEARNING_METHODS, ModelConfig, PeftSettings
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# LoRA targets by architecture, as the PEFT examples use them; anything else falls back to peft's table, then all-linear.
+LORA_TARGETS = {
+    "gpt2": ["c_attn"],
+    "bloom": ["query_key_value"],
+    "opt": ["q_proj", "v_proj"],
+    "llama": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+}
+
+
+class ModelError(ValueError):
+    """The model or PEFT settings cannot work; the message says what to change."""
+
+
+def resolve_model_source(cfg: ModelConfig) -> tuple[str, Optional[str]]:
+    """(folder or hub id, gguf file name); checks local paths and the GGUF magic before anything is loaded."""
+    source, gguf_file = cfg.name_or_path, cfg.gguf_file
+    if not source:
+        raise ModelError("model.name_or_path: not set; give a local folder, a .gguf file or a hub id")
+    path = Path(source)
+    if path.suffix == ".gguf":
+        source, gguf_file = str(path.parent), path.name
+        path = path.parent
+    looks_local = source.startswith((".", "/", "~")) or path.exists() or source.count("/") != 1
+    if looks_local and not path.is_dir():
+        raise ModelError(f"model.name_or_path: {source} does not exist; give a model folder, a .gguf file, or a hub id "
+                         f"like HuggingFaceTB/SmolLM2-135M-Instruct (run `peft-tuner prepare-model smollm2` for the default)")
+    if gguf_file is not None and path.is_dir():
+        file = path / gguf_file
+        if not file.is_file():
+            raise ModelError(f"model.gguf_file: {file} does not exist")
+        with open(file, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise ModelError(f"model.gguf_file: {file} is not a GGUF file (it does not start with the GGUF magic)")
+    elif looks_local and not (path / "config.json").is_file():
+        ggufs = sorted(p.name for p in path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return source, ggufs[0]
+        raise ModelError(f"model.name_or_path: {source} has no config.json"
+                         + (f"; set model.gguf_file to one of {ggufs}" if ggufs else "; is it a model folder?"))
+    return source, gguf_file
+
+
+def load_tokenizer(cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    source, gguf_file = resolve_model_source(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file, trust_remote_code=cfg.trust_remote_code)
+    if tokenizer.eos_token_id is None:
+        raise ModelError(f"model.name_or_path: the tokenizer of {source} has no EOS token; add one to its tokenizer_config.json")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # as the reference recipe does: padding is masked anyway
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def load_base_model(cfg: ModelConfig, dtype: Optional[str] = None):
+    from transformers import AutoModelForCausalLM
+
+    source, gguf_file = resolve_model_source(cfg)
+    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file, dtype=DTYPES[dtype or cfg.dtype],
+                                                 trust_remote_code=cfg.trust_remote_code)
+    if gguf_file is not None:
+        # Dequantized GGUF weights are plain tensors; transformers still marks the model "quantized" and refuses training.
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model
+
+
+def linear_layer_names(model) -> list[str]:
+    from transformers.pytorch_utils import Conv1D
+
+    names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))}
+    return sorted(names - {"lm_head", "score"})
+
+
+def resolve_target_modules(model, settings: PeftSettings):
+    """The modules LoRA / AdaLoRA / IA3 adapt: as configured, else by architecture; each must match a layer."""
+    targets = settings.target_modules
+    if targets is None:
+        if settings.method == "ia3":
+            return None  # peft's own IA3 table knows target and feed-forward modules together
+        targets = LORA_TARGETS.get(model.config.model_type)
+        if targets is None:
+            from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as peft_table
+
+            targets = peft_table.get(model.config.model_type, "all-linear")
+    if targets == "all-linear":
+        return targets
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    module_names = [name for name, _ in model.named_modules()]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in module_names)]
+    if missing:
+        raise ModelError(f"peft.target_modules: {missing} match no module of this {model.config.model_type} model; "
+                         f"its linear layers are: {', '.join(linear_layer_names(model))} (or use all-linear)")
+    return targets
+
+
+def build_peft_model(model, settings: PeftSettings, model_cfg: ModelConfig, total_steps: int):
+    """Wrap the base model with the configured PEFT method; `full` trains every weight and wraps nothing."""
+    import peft
+
+    if settings.method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    common = dict(task_type=peft.TaskType.CAUSAL_LM)
+    if settings.method in ("lora", "adalora", "ia3"):
+        common["target_modules"] = resolve_target_modules(model, settings)
+    if settings.method == "lora":
+        config = peft.LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                                 use_rslora=settings.use_rslora, use_dora=settings.use_dora, **common)
+    elif settings.method == "adalora":
+        config = peft.AdaLoraConfig(init_r=max(settings.r * 3 // 2, settings.r + 1), target_r=settings.r,
+                                    lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                                    total_step=max(total_steps, 3), tinit=0, tfinal=0, **common)
+    elif settings.method == "ia3":
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as ia3_table
+
+        if common["target_modules"] is None and model.config.model_type not in ia3_table:
+            raise ModelError(f"peft.target_modules: IA3 has no default for {model.config.model_type}; "
+                             f"name them, from: {', '.join(linear_layer_names(model))}")
+        config = peft.IA3Config(**common)
+    elif settings.method == "prompt_tuning":
+        init = dict(prompt_tuning_init=peft.PromptTuningInit.TEXT, prompt_tuning_init_text=settings.prompt_init_text,
+                    tokenizer_name_or_path=resolve_model_source(model_cfg)[0]) if settings.prompt_init_text else {}
+        config = peft.PromptTuningConfig(num_virtual_tokens=settings.num_virtual_tokens, **init, **common)
+    elif settings.method == "prefix_tuning":
+        config = peft.PrefixTuningConfig(num_virtual_tokens=settings.num_virtual_tokens, **common)
+    elif settings.method == "p_tuning":
+        config = peft.PromptEncoderConfig(num_virtual_tokens=settings.num_virtual_tokens,
+                                          encoder_hidden_size=model.config.hidden_size, **common)
+    else:
+        raise ModelError(f"peft.method: unknown method '{settings.method}'")
+    try:
+        return peft.get_peft_model(model, config)
+    except (ValueError, TypeError, NotImplementedError) as e:
+        raise ModelError(f"peft.method={settings.method} does not apply to this {model.config.model_type} model: {e}") from e
+
+
+def uses_position_ids(method: str) -> bool:
+    """peft's prompt-learning models prepend virtual tokens and ignore (with a warning) any position ids."""
+    return method not in PROMPT_LEARNING_METHODS
+
+
+def count_parameters(model) -> tuple[int, int]:
+    def numel(p):
+        return getattr(p, "ds_numel", p.numel())  # ZeRO-3 leaves an empty local tensor
+
+    trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
+    return trainable, sum(numel(p) for p in model.parameters())

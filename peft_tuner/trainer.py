@@ -1,0 +1,331 @@
+"""The one training loop, whatever the launcher: setup() -> fit() -> save.
+
+Reads top to bottom: cheap checks of everything the user wrote, then the process group, the model, the DeepSpeed
+engine, the loop, and the adapter. Each optimizer step sees one global batch (micro batch x accumulation x processes)
+of a seeded permutation, so a run's data order depends on the seed and the global batch alone; the loss is the mean
+over every label token of that global batch, so 1 process and N processes compute the same gradient.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from peft_tuner import checkpoint as ckpt
+from peft_tuner import distributed as dist
+from peft_tuner.config import Config, ConfigError, save_config
+from peft_tuner.data import (IGNORE_INDEX, DataError, Encoder, build_task, collate, encode_training_rows, pack_text,
+                             prepare_split, read_table)
+from peft_tuner.modeling import build_peft_model, count_parameters, load_base_model, load_tokenizer, uses_position_ids
+
+
+class TrainingStopped(RuntimeError):
+    """Training stopped early (non-finite loss); the message names the step and the last good checkpoint."""
+
+
+@dataclass
+class TrainData:
+    examples: list[dict]
+    task: Optional[dict]  # classification: columns, template, class names (saved with the adapter)
+    rows: int
+    dropped_empty: int = 0
+    truncated: int = 0
+    encoder: Optional[Encoder] = None
+    eval_rows: list = field(default_factory=list)
+
+
+def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
+    """Run a whole training job and return its summary (also written to output_dir/summary.json)."""
+    # 1. Everything the user wrote is checked before the process group or the model come up.
+    check_output_dir(cfg, resume, overwrite)
+    ds_raw, ds_source = dist.deepspeed_source(cfg)
+    tokenizer = load_tokenizer(cfg.model)
+    data = setup_data(cfg, tokenizer)
+
+    # 2. Processes and the DeepSpeed config.
+    launcher = dist.init_distributed()
+    world = dist.world_size()
+    ds_config = dist.resolve_deepspeed_config(ds_raw, cfg, world, ds_source)
+    stage = dist.zero_stage(ds_config)
+    problem = dist.check_method_fits_zero(cfg.peft.method, stage)
+    if problem:
+        raise ConfigError(problem)
+    global_batch = cfg.train.batch_size * cfg.train.gradient_accumulation * world
+    steps_per_epoch = math.ceil(len(data.examples) / global_batch)
+    total_steps = steps_per_epoch * cfg.train.epochs
+
+    # 3. Model and engine.
+    torch.manual_seed(cfg.train.seed)
+    model = build_peft_model(load_base_model(cfg.model), cfg.peft, cfg.model, total_steps)
+    trainable, total = count_parameters(model)
+    engine = setup_engine(model, ds_config, cfg, total_steps)
+    torch.manual_seed(cfg.train.seed + dist.rank())  # dropout differs across ranks, reproducibly
+
+    start_step = 0
+    if resume:
+        start_step = resume_from_checkpoint(engine, cfg, world, stage)
+    if dist.is_main():
+        prepare_output_dir(cfg, overwrite=overwrite and not resume)
+    dist.barrier()
+
+    log = RunLog(Path(cfg.output_dir) / "train_log.jsonl", append=resume)
+    log.line(f"peft-tuner train | model {cfg.model.name_or_path} | method {cfg.peft.method} | trainable "
+             f"{trainable:,} of {total:,} ({100 * trainable / total:.3f}%) | launcher {launcher}, {world} process(es), "
+             f"ZeRO-{stage} ({ds_source}) | {data.rows} rows ({data.dropped_empty} empty dropped, {data.truncated} cut "
+             f"to max_length={cfg.data.max_length}) | global batch {global_batch} = {cfg.train.batch_size} x "
+             f"{cfg.train.gradient_accumulation} accumulation x {world} | {steps_per_epoch} steps/epoch x "
+             f"{cfg.train.epochs} epochs = {total_steps} steps" + (f" | resuming after step {start_step}" if start_step else ""))
+    log.record({"event": "start", "model": cfg.model.name_or_path, "method": cfg.peft.method, "trainable_params": trainable,
+                "total_params": total, "world_size": world, "zero_stage": stage, "launcher": launcher, "rows": data.rows,
+                "dropped_empty": data.dropped_empty, "truncated": data.truncated, "total_steps": total_steps,
+                "start_step": start_step})
+
+    # 4. The loop.
+    started = time.time()
+    result = fit(engine, cfg, data, tokenizer, log, global_batch, steps_per_epoch, start_step, stage)
+
+    # 5. The adapter, gathered under ZeRO-3, written atomically.
+    adapter_dir = ckpt.save_adapter(engine.module, tokenizer, cfg, data.task, Path(cfg.output_dir) / ckpt.ADAPTER_DIR, stage)
+    summary = {"event": "end", **result, "train_seconds": round(time.time() - started, 2),
+               "peak_memory_gb": round(max(dist.all_reduce([dist.peak_memory_gb()], op="max")), 3),
+               "adapter_dir": str(adapter_dir), "world_size": world, "zero_stage": stage, "trainable_params": trainable}
+    log.record(summary)
+    log.line(f"done | {result['steps_done']} steps, final loss {result['final_loss']:.4f} | {summary['train_seconds']} s, "
+             f"{result['mean_step_seconds']:.3f} s/step | peak memory {summary['peak_memory_gb']:.2f} GB | adapter: {adapter_dir}")
+    if dist.is_main():
+        (Path(cfg.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Setup helpers
+
+
+def check_output_dir(cfg: Config, resume: bool, overwrite: bool) -> None:
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir: {out} is a file; choose a folder")
+    holds_run = out.is_dir() and any((out / name).exists() for name in (ckpt.CONFIG_FILE, ckpt.ADAPTER_DIR, ckpt.CHECKPOINT_DIR))
+    if resume and not (out / ckpt.CHECKPOINT_DIR).is_dir():
+        raise ConfigError(f"--resume: {out} has no checkpoints/ to resume from; drop --resume to start afresh")
+    if holds_run and not (resume or overwrite):
+        raise ConfigError(f"output_dir: {out} already holds a run; pass --resume to continue it, --overwrite to replace "
+                          f"it, or choose another output_dir")
+
+
+def prepare_output_dir(cfg: Config, overwrite: bool) -> None:
+    out = Path(cfg.output_dir)
+    if overwrite:
+        for name in (ckpt.CHECKPOINT_DIR, ckpt.ADAPTER_DIR):
+            shutil.rmtree(out / name, ignore_errors=True)
+        for name in ("train_log.jsonl", "summary.json"):
+            (out / name).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / ckpt.CONFIG_FILE)
+
+
+def setup_data(cfg: Config, tokenizer) -> TrainData:
+    """Read, check and tokenize the training split; nothing heavy has been loaded yet."""
+    if not cfg.data.train_file:
+        raise DataError("data.train_file: not set; give a file, a RAFT folder or a hub dataset")
+    table = read_table(cfg.data.train_file, "train")
+    if cfg.data.task == "text":
+        texts = [str(r.get(cfg.data.text_column or "text", "")) for r in table.rows[: cfg.data.max_rows]]
+        if (cfg.data.text_column or "text") not in table.columns:
+            raise DataError(f"{table.source}: no column '{cfg.data.text_column or 'text'}' (data.text_column); columns: {', '.join(table.columns)}")
+        examples = pack_text(tokenizer, texts, cfg.data.max_length)
+        return TrainData(examples=examples, task=None, rows=len(examples))
+    task = build_task(cfg.data, table)
+    split = prepare_split(task, table, cfg.data, require_labels=True)
+    encoder = Encoder(tokenizer, task, cfg.data.max_length)
+    examples, truncated = encode_training_rows(encoder, split.rows)
+    return TrainData(examples=examples, task=task.to_dict(), rows=len(examples), dropped_empty=split.dropped_empty,
+                     truncated=truncated, encoder=encoder)
+
+
+def setup_engine(model, ds_config: dict, cfg: Config, total_steps: int):
+    """AdamW (the client's, unless the DeepSpeed config names one) and a warmup schedule, under deepspeed.initialize."""
+    import deepspeed
+    from transformers import get_scheduler
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    warmup = int(cfg.train.warmup_ratio * total_steps)
+
+    def make_scheduler(optimizer):
+        return get_scheduler(cfg.train.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=max(total_steps, 1))
+
+    if "optimizer" in ds_config:
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, lr_scheduler=make_scheduler, config=ds_config)
+    else:
+        optimizer = torch.optim.AdamW(trainable, lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=make_scheduler(optimizer), config=ds_config)
+    return engine
+
+
+def resume_from_checkpoint(engine, cfg: Config, world: int, stage: int) -> int:
+    import yaml
+
+    path = ckpt.find_latest_checkpoint(cfg)
+    if path is None:
+        raise ConfigError(f"--resume: {ckpt.checkpoint_root(cfg)} holds no complete checkpoint; drop --resume to start afresh")
+    meta = json.loads((path / "meta.json").read_text())
+    saved_cfg = yaml.safe_load((Path(cfg.output_dir) / ckpt.CONFIG_FILE).read_text())
+    ckpt.check_resume_compatible(cfg, saved_cfg, meta, world, stage)
+    state = ckpt.load_checkpoint(engine, path)
+    return int(state["global_step"])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The loop
+
+
+def fit(engine, cfg: Config, data: TrainData, tokenizer, log: "RunLog", global_batch: int, steps_per_epoch: int,
+        start_step: int, stage: int) -> dict:
+    world, rank = dist.world_size(), dist.rank()
+    accumulation, micro = cfg.train.gradient_accumulation, cfg.train.batch_size
+    pass_positions = uses_position_ids(cfg.peft.method)
+    total_steps = steps_per_epoch * cfg.train.epochs
+    stop = StopRequest()
+    progress = _progress_bar(total_steps, start_step)
+    step_times, last_loss, step = [], float("nan"), start_step
+    engine.train()
+    for epoch in range(start_step // steps_per_epoch, cfg.train.epochs):
+        order = epoch_order(len(data.examples), cfg.train.seed, epoch)
+        for step_in_epoch in range(steps_per_epoch):
+            step = epoch * steps_per_epoch + step_in_epoch
+            if step < start_step:
+                continue
+            began = time.time()
+            indices = global_batch_indices(order, step_in_epoch, global_batch)
+            mine = indices[rank * micro * accumulation:(rank + 1) * micro * accumulation]
+            batches = [collate([data.examples[i] for i in mine[k * micro:(k + 1) * micro]], tokenizer.pad_token_id)
+                       for k in range(accumulation)]
+            local_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+            local_seen = sum(int(b["attention_mask"].sum()) for b in batches)
+            global_tokens, global_seen, stop_flag = dist.all_reduce([local_tokens, local_seen, float(stop.requested)])
+            if stop_flag > 0:
+                path = ckpt.save_checkpoint(engine, cfg, _loop_state(step, epoch, world, stage))
+                log.line(f"stopped by signal before step {step + 1}; checkpoint {path}. Continue with the same command plus --resume")
+                raise SystemExit(143)
+            loss_sum = 0.0
+            for k, batch in enumerate(batches):
+                batch = {key: value.to(dist.device()) for key, value in batch.items()}
+                summed = token_loss_sum(engine, batch, pass_positions)
+                engine.backward(summed * (world * accumulation) / max(global_tokens, 1))
+                loss_sum += float(summed.detach())
+                if k == accumulation - 1:
+                    # Agree on the step's loss before the optimizer moves: a non-finite one must not touch the weights.
+                    (loss_total,) = dist.all_reduce([loss_sum])
+                    last_loss = loss_total / max(global_tokens, 1)
+                    if not math.isfinite(last_loss):
+                        latest = ckpt.find_latest_checkpoint(cfg)
+                        raise TrainingStopped(f"loss is {last_loss} at step {step + 1} (epoch {epoch + 1}); weights not "
+                                              f"updated. Last good checkpoint: {latest or 'none'}. Lower train.learning_rate "
+                                              f"or check the data, then --resume")
+                    if cfg.peft.method == "adalora":
+                        engine.module.base_model.update_and_allocate(step)
+                learning_rate = engine.get_lr()[0]  # the rate this step uses
+                engine.step()
+            elapsed = time.time() - began
+            step_times.append(elapsed)
+            done = step + 1
+            if done % cfg.train.log_steps == 0 or done == total_steps:
+                record = {"event": "step", "step": done, "epoch": epoch + 1, "loss": last_loss,
+                          "learning_rate": learning_rate, "tokens_per_second": global_seen / elapsed,
+                          "step_seconds": elapsed, "peak_memory_gb": dist.peak_memory_gb()}
+                log.record(record)
+                if progress is not None:
+                    progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{record['learning_rate']:.2e}",
+                                         tok_s=f"{record['tokens_per_second']:.0f}", mem=f"{record['peak_memory_gb']:.2f}GB")
+            if progress is not None:
+                progress.update(1)
+            if cfg.train.checkpoint_steps and done % cfg.train.checkpoint_steps == 0 and done < total_steps:
+                ckpt.save_checkpoint(engine, cfg, _loop_state(done, epoch, world, stage))
+        log.record({"event": "epoch", "epoch": epoch + 1, "loss": last_loss})
+    if progress is not None:
+        progress.close()
+    stop.restore()
+    measured = step_times[1:] or step_times  # the first step pays for warm-up
+    return {"steps_done": step + 1 if step_times else start_step, "final_loss": last_loss,
+            "mean_step_seconds": sum(measured) / max(len(measured), 1)}
+
+
+def token_loss_sum(engine, batch: dict, pass_positions: bool) -> torch.Tensor:
+    """Sum of next-token cross-entropy over label tokens (prompt and padding are -100)."""
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if pass_positions:
+        inputs["position_ids"] = batch["position_ids"]
+    logits = engine(**inputs).logits
+    length = batch["input_ids"].shape[1]
+    logits = logits[:, -length:, :]  # prompt-tuning models prepend virtual tokens
+    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    generator = torch.Generator().manual_seed(seed * 1000 + epoch)
+    return torch.randperm(n, generator=generator).tolist()
+
+
+def global_batch_indices(order: list[int], step_in_epoch: int, global_batch: int) -> list[int]:
+    """The step's global batch; the last one of an epoch is filled up from the start of the order."""
+    start = step_in_epoch * global_batch
+    return [order[(start + i) % len(order)] for i in range(global_batch)]
+
+
+def _loop_state(global_step: int, epoch: int, world: int, stage: int) -> dict:
+    return {"global_step": global_step, "epoch": epoch, "world_size": world, "zero_stage": stage}
+
+
+def _progress_bar(total: int, initial: int):
+    if not dist.is_main():
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True)
+
+
+class StopRequest:
+    """SIGTERM / Ctrl-C set a flag; the loop checkpoints at the next step boundary and exits cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def restore(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class RunLog:
+    """JSON lines in output_dir (rank 0), and one-line summaries on stdout."""
+
+    def __init__(self, path: Path, append: bool):
+        self.path = path
+        if dist.is_main() and not append:
+            path.write_text("")
+
+    def record(self, values: dict) -> None:
+        if dist.is_main():
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"time": round(time.time(), 3), **values}) + "\n")
+
+    def line(self, text: str) -> None:
+        if dist.is_main():
+            print(text, flush=True)
