@@ -89,6 +89,20 @@ def load_base_model(cfg: ModelConfig, dtype: Optional[str] = None):
     return model
 
 
+def load_trained_model(model_cfg: ModelConfig, trained_dir, dtype: Optional[str] = None):
+    """An adapter folder on its base model (peft), or a standalone folder (method=full, or a merged model)."""
+    trained_dir = Path(trained_dir)
+    if (trained_dir / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(load_base_model(model_cfg, dtype), str(trained_dir))
+    from transformers import AutoModelForCausalLM
+
+    if not (trained_dir / "config.json").is_file():
+        raise ModelError(f"{trained_dir}: neither an adapter (adapter_config.json) nor a model folder (config.json)")
+    return AutoModelForCausalLM.from_pretrained(str(trained_dir), dtype=DTYPES[dtype or model_cfg.dtype])
+
+
 def linear_layer_names(model) -> list[str]:
     from transformers.pytorch_utils import Conv1D
 

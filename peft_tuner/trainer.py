@@ -24,7 +24,8 @@ from peft_tuner import distributed as dist
 from peft_tuner.config import Config, ConfigError, save_config
 from peft_tuner.data import (IGNORE_INDEX, DataError, Encoder, build_task, collate, encode_training_rows, pack_text,
                              prepare_split, read_table)
-from peft_tuner.modeling import build_peft_model, count_parameters, load_base_model, load_tokenizer, uses_position_ids
+from peft_tuner.modeling import (build_peft_model, count_parameters, load_base_model, load_tokenizer, load_trained_model,
+                                 uses_position_ids)
 
 
 class TrainingStopped(RuntimeError):
@@ -94,11 +95,13 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
 
     # 5. The adapter, gathered under ZeRO-3, written atomically.
     adapter_dir = ckpt.save_adapter(engine.module, tokenizer, cfg, data.task, Path(cfg.output_dir) / ckpt.ADAPTER_DIR, stage)
-    summary = {"event": "end", **result, "train_seconds": round(time.time() - started, 2),
+    adapter_diff = verify_adapter(engine, cfg, data, tokenizer, adapter_dir) if cfg.train.verify_adapter else None
+    summary = {"event": "end", **result, "adapter_max_logit_diff": adapter_diff, "train_seconds": round(time.time() - started, 2),
                "peak_memory_gb": round(max(dist.all_reduce([dist.peak_memory_gb()], op="max")), 3),
                "adapter_dir": str(adapter_dir), "world_size": world, "zero_stage": stage, "trainable_params": trainable}
     log.record(summary)
     log.line(f"done | {result['steps_done']} steps, final loss {result['final_loss']:.4f} | {summary['train_seconds']} s, "
+             + (f"adapter reload check: max |logit diff| {adapter_diff:.2e} | " if adapter_diff is not None else "") +
              f"{result['mean_step_seconds']:.3f} s/step | peak memory {summary['peak_memory_gb']:.2f} GB | adapter: {adapter_dir}")
     if dist.is_main():
         (Path(cfg.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -168,6 +171,29 @@ def setup_engine(model, ds_config: dict, cfg: Config, total_steps: int):
         optimizer = torch.optim.AdamW(trainable, lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay)
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=make_scheduler(optimizer), config=ds_config)
     return engine
+
+
+def verify_adapter(engine, cfg: Config, data: TrainData, tokenizer, adapter_dir: Path) -> Optional[float]:
+    """Largest |logit| difference between the trained engine and the saved adapter reloaded on a fresh base model."""
+    batch = collate(data.examples[:4], tokenizer.pad_token_id)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if uses_position_ids(cfg.peft.method):
+        inputs["position_ids"] = batch["position_ids"]
+    length = batch["input_ids"].shape[1]
+    engine.eval()
+    with torch.no_grad():  # every rank takes part: under ZeRO-3 the forward gathers weights collectively
+        trained = engine(**{k: v.to(dist.device()) for k, v in inputs.items()}).logits[:, -length:].float().cpu()
+    engine.train()
+    difference = None
+    if dist.is_main():
+        reloaded = load_trained_model(cfg.model, adapter_dir).eval()
+        with torch.no_grad():
+            again = reloaded(**inputs).logits[:, -length:].float()
+        mask = batch["attention_mask"].bool()
+        difference = float((trained - again).abs()[mask].max())
+        del reloaded
+    (difference,) = dist.all_reduce([difference or 0.0], op="max")
+    return difference
 
 
 def resume_from_checkpoint(engine, cfg: Config, world: int, stage: int) -> int:

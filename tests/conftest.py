@@ -1,0 +1,138 @@
+"""Shared fixtures: tiny models of four families, small twitter_complaints-like files in every format, and a helper
+that runs the CLI under each launcher with a timeout (a hung rank must never hold CI)."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = ROOT.parent / "shared" / "data"
+BIN = Path(sys.executable).parent
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+COMPLAINTS = [
+    ("my order never arrived and support ignores me", "complaint"),
+    ("thanks for the quick help today", "no complaint"),
+    ("the app crashed again, this is useless", "complaint"),
+    ("great coffee this morning", "no complaint"),
+    ("still waiting on my refund after weeks", "complaint"),
+    ("happy birthday to the whole team", "no complaint"),
+    ("my flight got cancelled and nobody answers", "complaint"),
+    ("love the new store design", "no complaint"),
+    ("charged twice for one ticket, fix it", "complaint"),
+    ("see you all at the game tonight", "no complaint"),
+    ("internet down for the third day", "complaint"),
+    ("what a lovely sunny day", "no complaint"),
+    ("broken screen on arrival, very poor", "complaint"),
+    ("congrats on the launch", "no complaint"),
+    ("no signal at home again", "complaint"),
+    ("reading a good book", "no complaint"),
+]
+
+
+def complaint_rows() -> list[dict]:
+    return [{"Tweet text": t, "Label": l, "ID": i} for i, (t, l) in enumerate(COMPLAINTS)]
+
+
+def write_csv(path: Path, rows: list[dict]) -> Path:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    from peft_tuner.tiny import ARCHITECTURES, build_tiny_model
+
+    root = tmp_path_factory.mktemp("models")
+    return {arch: build_tiny_model(root / arch, arch) for arch in ARCHITECTURES}
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """train/dev/test of a RAFT-layout folder, plus the same training rows as csv, json, jsonl and parquet."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = tmp_path_factory.mktemp("data")
+    rows = complaint_rows()
+    raft = root / "raft"
+    raft.mkdir()
+    write_csv(raft / "train.csv", rows)
+    write_csv(raft / "dev.csv", rows[:8])
+    write_csv(raft / "test_unlabeled.csv", [{"Tweet text": r["Tweet text"], "ID": 100 + r["ID"]} for r in rows[:10]])
+    (raft / "task.json").write_text(json.dumps({"name": "toy", "data_columns": ["Tweet text", "ID"],
+                                                "label_columns": {"Label": ["complaint", "no complaint"]}}))
+    write_csv(root / "train.csv", rows)
+    (root / "train.json").write_text(json.dumps(rows))
+    (root / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    pq.write_table(pa.Table.from_pylist(rows), root / "train.parquet")
+    return root
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_recipe(path: Path, model: Path, data: Path, output_dir: Path, **sections) -> Path:
+    recipe = {
+        "model": {"name_or_path": str(model)},
+        "data": {"train_file": str(data), "max_length": 48},
+        "peft": {"method": "lora", "r": 4, "alpha": 16, "dropout": 0.0},
+        "train": {"epochs": 3, "learning_rate": 5e-2, "batch_size": 4, "seed": 7},
+        "output_dir": str(output_dir),
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            recipe.setdefault(section, {}).update(values)
+        else:
+            recipe[section] = values
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def launch_command(launcher: str, script: str = "launch/train.py", stage: int = 2, nproc: int = 2) -> list[str]:
+    port = str(free_port())
+    script = str(ROOT / script)
+    if launcher == "python":
+        return [sys.executable, script]
+    if launcher == "deepspeed":
+        return [str(BIN / "deepspeed"), "--num_accelerators", str(nproc), "--master_port", port, script]
+    if launcher == "torchrun":
+        return [str(BIN / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", port, script]
+    if launcher == "mpirun":
+        return [str(BIN / "mpirun"), "-n", str(nproc), "-genv", "MASTER_PORT", port, sys.executable, script]
+    if launcher == "accelerate":
+        return [str(BIN / "accelerate"), "launch", "--config_file", str(ROOT / f"ds_configs/accelerate_zero{stage}.yaml"),
+                "--num_processes", str(nproc), "--main_process_port", port, script]
+    raise ValueError(launcher)
+
+
+def run(cmd: list[str], timeout: int = 300, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false",
+                "PYTHONUNBUFFERED": "1", **(env or {})}
+    proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}\n--- stderr\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def step_losses(output_dir: Path) -> list[float]:
+    lines = [json.loads(l) for l in (output_dir / "train_log.jsonl").read_text().splitlines() if l.strip()]
+    return [l["loss"] for l in lines if l.get("event") == "step"]
+
+
+def summary(output_dir: Path) -> dict:
+    return json.loads((output_dir / "summary.json").read_text())
