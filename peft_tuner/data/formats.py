@@ -134,7 +134,7 @@ class Encoder:
         self.prefix = list(probe_special[:start])
         self.label_ids = {name: self._plain(word) + [self.tokenizer.eos_token_id] for name, word in self.task.label_words.items()}
         suffix = self.task.prompt_template.rsplit("}", 1)[-1]
-        self.suffix_len = len(self._plain(suffix)) if suffix else 0
+        self.suffix_len = len(self._plain(suffix)) + 1 if suffix else 0  # +1: a merge across the boundary
         longest = max(len(ids) for ids in self.label_ids.values())
         room = self.max_length - len(self.prefix) - longest - self.suffix_len
         if room < 1:

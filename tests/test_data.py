@@ -1,0 +1,170 @@
+"""Sources in every format, both label encodings, and the formatting: left padding, -100 masks, truncation that keeps
+the label."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import SHARED_DATA, complaint_rows
+from peft_tuner.config import DataConfig
+from peft_tuner.data import IGNORE_INDEX, DataError, Encoder, build_task, collate, encode_training_rows, prepare_split, read_table
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_models):
+    from peft_tuner.config import ModelConfig
+    from peft_tuner.modeling import load_tokenizer
+
+    return load_tokenizer(ModelConfig(name_or_path=str(tiny_models["llama"])))
+
+
+@pytest.mark.parametrize("name", ["train.csv", "train.json", "train.jsonl", "train.parquet", "raft"])
+def test_every_format_gives_the_same_rows(data_dir, name):
+    table = read_table(str(data_dir / name), "train")
+    assert [(str(r["Tweet text"]), r["Label"]) for r in table.rows] == [(r["Tweet text"], r["Label"]) for r in complaint_rows()]
+
+
+def test_raft_folder_gives_columns_classes_and_splits(data_dir):
+    train = read_table(str(data_dir / "raft"), "train")
+    assert (train.default_text_column, train.default_label_column) == ("Tweet text", "Label")
+    assert train.class_names == ["complaint", "no complaint"]
+    assert len(read_table(str(data_dir / "raft"), "eval").rows) == 8
+    test = read_table(str(data_dir / "raft"), "test")
+    assert "Label" not in test.columns and len(test.rows) == 10
+
+
+def test_hub_layout_with_integer_class_labels(tmp_path):
+    """The hub copy of RAFT stores labels as integers with names ["Unlabeled", "complaint", "no complaint"]."""
+    import datasets
+
+    features = datasets.Features({"Tweet text": datasets.Value("string"), "ID": datasets.Value("int64"),
+                                  "Label": datasets.ClassLabel(names=["Unlabeled", "complaint", "no complaint"])})
+    (tmp_path / "data").mkdir()
+    rows = complaint_rows()
+    datasets.Dataset.from_dict({"Tweet text": [r["Tweet text"] for r in rows], "ID": [r["ID"] for r in rows],
+                                "Label": [1 if r["Label"] == "complaint" else 2 for r in rows]},
+                               features=features).to_parquet(tmp_path / "data" / "train-00000-of-00001.parquet")
+    datasets.Dataset.from_dict({"Tweet text": ["a", "b"], "ID": [90, 91], "Label": [0, 0]},
+                               features=features).to_parquet(tmp_path / "data" / "test-00000-of-00001.parquet")
+    table = read_table(str(tmp_path), "train")
+    assert table.class_names == ["complaint", "no complaint"]
+    assert [r["Label"] for r in table.rows] == [r["Label"] for r in rows]
+    assert [r["Label"] for r in read_table(str(tmp_path), "test").rows] == [None, None]
+
+
+def test_unknown_hub_name_is_a_clear_error():
+    with pytest.raises(DataError, match="load_dataset"):
+        read_table("nobody-here/no-such-dataset:cfg@train", "train")
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "raft" / "twitter_complaints").is_dir(), reason="shared data not present")
+def test_reference_task_prompt_matches_the_peft_example():
+    table = read_table(str(SHARED_DATA / "raft" / "twitter_complaints"), "train")
+    task = build_task(DataConfig(), table)
+    assert task.prompt(table.rows[0]) == "Tweet text : @HMRCcustomers No this is my first job Label : "
+    assert len(table.rows) == 50
+
+
+def test_training_example_masks_the_prompt_and_ends_with_eos(data_dir, tokenizer):
+    table = read_table(str(data_dir / "raft"), "train")
+    task = build_task(DataConfig(max_length=64), table)
+    encoder = Encoder(tokenizer, task, 64)
+    example, cut = encoder.training_example(table.rows[0])
+    label_ids = tokenizer("complaint", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert not cut
+    assert example["input_ids"][-len(label_ids):] == label_ids
+    assert example["labels"] == [IGNORE_INDEX] * (len(example["input_ids"]) - len(label_ids)) + label_ids
+    prompt = tokenizer(task.prompt(table.rows[0]), add_special_tokens=False)["input_ids"]
+    assert example["input_ids"][: -len(label_ids)][-len(prompt):] == prompt
+
+
+def test_truncation_cuts_the_start_and_keeps_label_and_suffix(data_dir, tokenizer):
+    rows = complaint_rows()
+    rows[0]["Tweet text"] = ("very long text " * 40).strip()
+    table = read_table(str(data_dir / "raft"), "train")
+    task = build_task(DataConfig(), table)
+    encoder = Encoder(tokenizer, task, 48)
+    examples, cut = encode_training_rows(encoder, rows)
+    full = [len(encoder.prefix) + len(tokenizer(task.prompt(r), add_special_tokens=False)["input_ids"])
+            + len(encoder.label_ids[r["Label"]]) for r in rows]
+    assert cut == sum(n > 48 for n in full) >= 1
+    assert [len(e["input_ids"]) for e in examples] == [min(n, 48) for n in full]
+    long = examples[0]
+    label = tokenizer("complaint", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert long["input_ids"][-len(label):] == label
+    assert tokenizer.decode(long["input_ids"][:-len(label)]).endswith("very long text Label : ")
+    assert sum(l != IGNORE_INDEX for l in long["labels"]) == len(label)
+
+
+def test_max_length_too_short_for_the_label_is_refused(data_dir, tokenizer):
+    task = build_task(DataConfig(), read_table(str(data_dir / "raft"), "train"))
+    with pytest.raises(DataError, match="data.max_length: 8 tokens cannot hold"):
+        Encoder(tokenizer, task, 8)
+
+
+def test_collate_pads_left_to_the_longest_in_batch():
+    batch = collate([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}], pad_token_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [-100, -100, 8]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2], [0, 0, 0]]
+    assert batch["input_ids"].dtype == torch.long
+
+
+def test_left_padding_does_not_change_the_logits(tiny_models, tokenizer):
+    """Padding is invisible to the model when positions come from the mask: GPT-2 has absolute positions."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["gpt2"]).eval()
+    short, long = [5, 6, 7], list(range(10, 20))
+    batch = collate([{"input_ids": short}, {"input_ids": long}], tokenizer.pad_token_id)
+    with torch.no_grad():
+        padded = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"]).logits
+        alone = model(input_ids=torch.tensor([short])).logits
+    torch.testing.assert_close(padded[0, -3:], alone[0], atol=1e-5, rtol=1e-4)
+
+
+def test_bad_rows_are_reported_with_their_place(tmp_path, data_dir):
+    table = read_table(str(data_dir / "raft"), "train")
+    task = build_task(DataConfig(), table)
+    table.rows[3] = {**table.rows[3], "Label": "angry"}
+    with pytest.raises(DataError, match=r"row 4: label 'angry' is not a known class"):
+        prepare_split(task, table, DataConfig(), require_labels=True)
+    table.rows[3] = {**table.rows[3], "Label": "complaint", "Tweet text": "   "}
+    split = prepare_split(task, table, DataConfig(), require_labels=True)
+    assert split.dropped_empty == 1 and len(split.rows) == 15
+    with pytest.raises(DataError, match="row 4 has an empty 'Tweet text'"):
+        prepare_split(task, table, DataConfig(empty_text="error"), require_labels=True)
+
+
+def test_missing_columns_and_template_fields_are_listed(data_dir):
+    table = read_table(str(data_dir / "raft"), "train")
+    with pytest.raises(DataError, match=r"data.text_column: 'tweet' is not a column .*columns there: Tweet text, Label, ID"):
+        build_task(DataConfig(text_column="tweet"), table)
+    with pytest.raises(DataError, match=r"data.prompt_template: names column 'Author'"):
+        build_task(DataConfig(prompt_template="{Author} wrote {Tweet text}"), table)
+
+
+def test_broken_files_name_the_line(tmp_path):
+    bad_csv = tmp_path / "bad.csv"
+    bad_csv.write_text('Tweet text,Label\nfine,complaint\n"unclosed, quote,complaint\nx,y\n')
+    with pytest.raises(DataError, match=r"bad.csv: line \d+"):
+        read_table(str(bad_csv))
+    wide = tmp_path / "wide.csv"
+    wide.write_text("Tweet text,Label\na,b,c\n")
+    with pytest.raises(DataError, match=r"wide.csv: line 2: 3 fields where the header has 2"):
+        read_table(str(wide))
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("Tweet text,Label\ncaf\xe9,complaint\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin.csv: line 2 is not UTF-8"):
+        read_table(str(latin))
+    bad_jsonl = tmp_path / "bad.jsonl"
+    bad_jsonl.write_text('{"a": 1}\n{"a": \n')
+    with pytest.raises(DataError, match=r"bad.jsonl: line 2: not valid JSON"):
+        read_table(str(bad_jsonl))
+    empty = tmp_path / "empty.csv"
+    empty.write_text("Tweet text,Label\n")
+    with pytest.raises(DataError, match="holds no rows"):
+        read_table(str(empty))
+    with pytest.raises(DataError, match="no such file or folder"):
+        read_table(str(tmp_path / "missing.csv"))
