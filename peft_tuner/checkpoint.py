@@ -63,18 +63,22 @@ def save_adapter(model, tokenizer, cfg: Config, task: Optional[dict], out_dir: P
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     params = [p for p in model.parameters() if p.requires_grad or cfg.peft.method == "full"]
+    if dist.is_main() and tmp.exists():
+        shutil.rmtree(tmp)
+    dist.barrier()
     with dist.gathered(params, zero_stage):
-        if dist.is_main():
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*empty.*")  # frozen ZeRO-3 weights are not saved anyway
-                model.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-            save_config(cfg, tmp / ADAPTER_CONFIG_FILE)
-            if task is not None:
-                (tmp / TASK_FILE).write_text(json.dumps(task, indent=2, ensure_ascii=False))
-            replace_dir(tmp, out_dir)
+        # Every rank builds the state dict (prompt-learning methods run their prompt encoder, a collective under
+        # ZeRO-3); rank 0 alone writes.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*empty.*")  # frozen ZeRO-3 weights are not saved anyway
+            model.save_pretrained(tmp, safe_serialization=True, is_main_process=dist.is_main())
+    dist.barrier()
+    if dist.is_main():
+        tokenizer.save_pretrained(tmp)
+        save_config(cfg, tmp / ADAPTER_CONFIG_FILE)
+        if task is not None:
+            (tmp / TASK_FILE).write_text(json.dumps(task, indent=2, ensure_ascii=False))
+        replace_dir(tmp, out_dir)
     dist.barrier()
     return out_dir
 

@@ -1,6 +1,100 @@
-"""Verbs after training: merge, evaluate, generate, model preparation and the demo."""
+"""Verbs after training: merge, evaluate, generate (and model preparation and the demo, registered by their modules).
+
+Each reads the config saved beside the adapter or merged model unless a recipe is given; overrides apply on top.
+"""
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 
 def register(sub) -> None:
-    """Filled in as the verbs land."""
+    p = sub.add_parser("merge", help="merge an adapter into its base model; verify; save a standalone folder")
+    p.add_argument("items", nargs="*", help="[RECIPE.yaml] [section.key=value ...]")
+    p.add_argument("--adapter", required=True, help="adapter folder written by training (output_dir/adapter)")
+    p.add_argument("--out", required=True, help="folder for the merged model (must be empty unless --overwrite)")
+    p.add_argument("--base", help="base model (hub id, folder, .gguf); default: the one the adapter was trained on")
+    p.add_argument("--dtype", default="fp32", help="dtype of the saved merged weights: fp32, bf16 or fp16")
+    p.add_argument("--max-shard-size", default="2GB")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(run=_merge)
+
+    p = sub.add_parser("evaluate", help="batch evaluation: rank classification or generation; metrics and predictions")
+    p.add_argument("items", nargs="*", help="[RECIPE.yaml] [section.key=value ...]")
+    _add_model_flags(p)
+    p.add_argument("--split", default="eval", choices=["eval", "test"], help="data.eval_file or data.test_file")
+    p.add_argument("--method", choices=["rank", "generate"], help="default: eval.method")
+    p.add_argument("--out", help="where predictions and metrics go (default: output_dir/eval)")
+    p.set_defaults(run=_evaluate)
+
+    p = sub.add_parser("generate", help="generate text: greedy, beam, sampling, top-k/top-p")
+    p.add_argument("items", nargs="*", help="[RECIPE.yaml] [section.key=value ...], e.g. generate.num_beams=4")
+    _add_model_flags(p)
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    p.add_argument("--prompt-file", help="a file with one prompt per line")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=_generate)
+
+    from peft_tuner import prepare
+
+    prepare.register(sub)
+
+
+def _add_model_flags(p) -> None:
+    p.add_argument("--adapter", help="adapter folder, on the base model of its saved config")
+    p.add_argument("--model", help="merged (standalone) model folder")
+    p.add_argument("--base", help="base model instead of the configured one")
+
+
+def config_for(args):
+    """Recipe if given, else the config saved beside the adapter / merged model; overrides on top."""
+    import yaml
+
+    from peft_tuner.checkpoint import ADAPTER_CONFIG_FILE
+    from peft_tuner.config import ConfigError, load_config
+
+    items = list(args.items) + list(getattr(args, "overrides", []) or [])
+    recipes = [i for i in items if i.endswith((".yaml", ".yml")) and "=" not in i]
+    overrides = [i for i in items if i not in recipes]
+    if getattr(args, "base", None):
+        overrides.append(f"model.name_or_path={args.base}")
+    if len(recipes) > 1:
+        raise ConfigError(f"give one recipe, not {recipes}")
+    if recipes:
+        return load_config(recipes[0], overrides)
+    saved_dir = getattr(args, "adapter", None) or getattr(args, "model", None)
+    saved = Path(saved_dir) / ADAPTER_CONFIG_FILE if saved_dir else None
+    if saved is None or not saved.is_file():
+        raise ConfigError("no recipe given and no saved config beside the model; pass RECIPE.yaml")
+    return load_config(None, overrides, base=yaml.safe_load(saved.read_text()))
+
+
+def _merge(args) -> int:
+    from peft_tuner.merge import merge
+
+    result = merge(config_for(args), args.adapter, args.out, dtype=args.dtype, overwrite=args.overwrite,
+                   max_shard_size=args.max_shard_size)
+    print(f"merged {args.adapter} into {result['out_dir']} ({result['parameters']:,} parameters, {result['dtype']}); "
+          f"largest |logit| difference to base+adapter: {result['max_logit_diff']:.2e}")
+    return 0
+
+
+def _evaluate(args) -> int:
+    from peft_tuner.evaluate import evaluate
+
+    cfg = config_for(args)
+    out = args.out or str(Path(cfg.output_dir) / "eval")
+    evaluate(cfg, out, split=args.split, model_dir=args.model, adapter_dir=args.adapter, method=args.method)
+    return 0
+
+
+def _generate(args) -> int:
+    from peft_tuner.evaluate import load_for_inference
+    from peft_tuner.generate import generate, read_prompts
+
+    cfg = config_for(args)
+    prompts = read_prompts(args.prompt, args.prompt_file)
+    model, tokenizer, _ = load_for_inference(cfg, args.model, args.adapter)
+    for prompt, outputs in zip(prompts, generate(model, tokenizer, prompts, cfg, seed=args.seed)):
+        print(json.dumps({"prompt": prompt, "outputs": outputs}, ensure_ascii=False))
+    return 0

@@ -127,9 +127,10 @@ class Config:
 # Loading: YAML + dotted overrides fill the same object
 
 
-def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
-    """Read a recipe, apply `section.key=value` overrides, check types and values; raise one ConfigError for all."""
-    raw: dict = {}
+def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None, base: Optional[dict] = None) -> Config:
+    """Read a recipe (or start from `base`, a saved config), apply `section.key=value` overrides, check types and
+    values; raise one ConfigError for all problems."""
+    raw: dict = dict(base or {})
     if path is not None:
         p = Path(path)
         if not p.is_file():
@@ -187,6 +188,33 @@ def all_keys(cls=Config, prefix: str = "") -> list[str]:
     return keys
 
 
+# Names other tools use for our keys.
+ALIASES = {"lr": "learning_rate", "num_epochs": "epochs", "num_train_epochs": "epochs", "bs": "batch_size",
+           "per_device_train_batch_size": "batch_size", "gradient_accumulation_steps": "gradient_accumulation",
+           "grad_accum": "gradient_accumulation", "lora_r": "r", "rank": "r", "lora_alpha": "alpha",
+           "lora_dropout": "dropout", "model_name_or_path": "name_or_path", "torch_dtype": "dtype",
+           "max_seq_length": "max_length", "warmup": "warmup_ratio", "save_steps": "checkpoint_steps"}
+
+
+def suggest_key(dotted: str) -> Optional[str]:
+    """The known key a typo most likely meant: an alias, an abbreviation (lr -> learning_rate), or a close spelling."""
+    keys = all_keys()
+    section, _, name = dotted.rpartition(".")
+    same_section = [k for k in keys if k.rpartition(".")[0] == section]
+    if name in ALIASES and f"{section}.{ALIASES[name]}".lstrip(".") in keys:
+        return f"{section}.{ALIASES[name]}".lstrip(".")
+
+    def initials(key: str) -> str:
+        return "".join(part[0] for part in key.rpartition(".")[2].split("_"))
+
+    abbreviations = [k for k in same_section if len(name) >= 2 and initials(k) == name]
+    if len(abbreviations) == 1:
+        return abbreviations[0]
+    close = difflib.get_close_matches(dotted, same_section or keys, n=1, cutoff=0.6) or \
+        difflib.get_close_matches(dotted, keys, n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
 def _build(cls, raw: Any, prefix: str, problems: list[str]):
     if not isinstance(raw, dict):
         problems.append(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
@@ -197,8 +225,8 @@ def _build(cls, raw: Any, prefix: str, problems: list[str]):
     for key, value in raw.items():
         dotted = prefix + str(key)
         if key not in fields:
-            close = difflib.get_close_matches(dotted, all_keys(), n=1, cutoff=0.6)
-            hint = f": did you mean {close[0]}?" if close else f"; known keys here: {', '.join(fields)}"
+            close = suggest_key(dotted)
+            hint = f": did you mean {close}?" if close else f"; known keys here: {', '.join(fields)}"
             problems.append(f"{dotted}: unknown key{hint}")
             continue
         f = fields[key]

@@ -75,6 +75,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def shutdown() -> None:
+    """Leave the process group together: a rank that exits while another still works aborts the gloo group."""
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 

@@ -86,10 +86,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def write_recipe(path: Path, model: Path, data: Path, output_dir: Path, **sections) -> Path:
+def write_recipe(path: Path, model: Path, train_file: Path, output_dir: Path, **sections) -> Path:
     recipe = {
         "model": {"name_or_path": str(model)},
-        "data": {"train_file": str(data), "max_length": 48},
+        "data": {"train_file": str(train_file), "max_length": 48},
         "peft": {"method": "lora", "r": 4, "alpha": 16, "dropout": 0.0},
         "train": {"epochs": 3, "learning_rate": 5e-2, "batch_size": 4, "seed": 7},
         "output_dir": str(output_dir),

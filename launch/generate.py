@@ -1,0 +1,10 @@
+"""Launcher script: `python launch/generate.py ...`, the same as `peft-tuner generate ...` (see --help)."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from peft_tuner.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main(["generate", *sys.argv[1:]]))

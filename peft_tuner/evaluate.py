@@ -1,0 +1,352 @@
+"""Batch evaluation: rank classification or generation for classification tasks, loss and perplexity for plain text.
+
+Rank classification scores each class name by its log-likelihood after the prompt; the prompt is encoded once and its
+KV cache is shared by every candidate label, so no answer can be invalid and 77 classes stay cheap. Over several
+processes each takes every world_size-th row and rank 0 gathers them back in order: no row lost or counted twice.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from peft_tuner.config import PROMPT_LEARNING_METHODS, Config
+from peft_tuner.data import ClassificationTask, DataError, Encoder, build_task, collate, pack_text, prepare_split, read_table
+from peft_tuner.modeling import DTYPES, ModelError, load_base_model, load_tokenizer
+
+LOGITS_BUDGET = 64 * 2**20  # floats of candidate logits held at once (256 MB in fp32)
+INVALID = "<invalid>"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Loading what to evaluate
+
+
+def load_for_inference(cfg: Config, model_dir: Optional[str] = None, adapter_dir: Optional[str] = None):
+    """(model, tokenizer, method): a merged/standalone folder, or the base model of `cfg` plus an adapter."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if adapter_dir:
+        from peft import PeftModel
+
+        if not (Path(adapter_dir) / "adapter_config.json").is_file():
+            raise ModelError(f"--adapter {adapter_dir}: no adapter_config.json there")
+        model = PeftModel.from_pretrained(load_base_model(cfg.model), adapter_dir)
+        tokenizer = AutoTokenizer.from_pretrained(adapter_dir) if (Path(adapter_dir) / "tokenizer_config.json").is_file() \
+            else load_tokenizer(cfg.model)
+        method = model.peft_config["default"].peft_type.value.lower()
+    elif model_dir:
+        if not (Path(model_dir) / "config.json").is_file():
+            raise ModelError(f"--model {model_dir}: no config.json there; give a merged model folder")
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[cfg.model.dtype])
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        method = "merged"
+    else:
+        model, tokenizer, method = load_base_model(cfg.model), load_tokenizer(cfg.model), "base"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return model.eval(), tokenizer, method
+
+
+def load_task(cfg: Config, saved_dir: Optional[str]) -> ClassificationTask:
+    """The task saved beside the adapter / merged model, else built from the config and the training data."""
+    from peft_tuner.checkpoint import TASK_FILE
+
+    if saved_dir and (Path(saved_dir) / TASK_FILE).is_file():
+        task = ClassificationTask(**json.loads((Path(saved_dir) / TASK_FILE).read_text()))
+        if cfg.data.prompt_template:  # the evaluation may try another template or label words on purpose
+            task.prompt_template = cfg.data.prompt_template
+        if cfg.data.label_words:
+            task.label_words.update(cfg.data.label_words)
+        return task
+    source = cfg.data.train_file or cfg.data.eval_file or cfg.data.test_file
+    if not source:
+        raise DataError("data.train_file: needed to know the classes; or pass a trained adapter / merged model")
+    return build_task(cfg.data, read_table(source, "train"))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Rank classification
+
+
+def rank_scores(model, encoder: Encoder, rows: list[dict], batch_size: int, share_cache: bool = True, progress=None) -> torch.Tensor:
+    """[rows, classes] summed log-probabilities of each class's tokens (label + EOS) after the prompt."""
+    candidates = [encoder.label_ids[name] for name in encoder.task.class_names]
+    reserve = max(len(c) for c in candidates)
+    pad = encoder.tokenizer.pad_token_id
+    scores = []
+    for start in range(0, len(rows), batch_size):
+        prompts = [encoder.prompt_ids(row, reserve=reserve)[0] for row in rows[start:start + batch_size]]
+        if share_cache:
+            scores.append(_score_with_shared_cache(model, prompts, candidates, pad))
+        else:
+            scores.append(torch.stack([_score_concatenated(model, p, candidates, pad) for p in prompts]))
+        if progress is not None:
+            progress.update(len(prompts))
+    return torch.cat(scores)
+
+
+@torch.no_grad()
+def _score_with_shared_cache(model, prompts: list[list[int]], candidates: list[list[int]], pad: int) -> torch.Tensor:
+    batch = collate([{"input_ids": p} for p in prompts], pad)
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in batch.items()}
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
+                use_cache=True)
+    first = F.log_softmax(out.logits[:, -1].float(), dim=-1)  # [B, V]: the first token of every candidate
+    scores = first[:, [c[0] for c in candidates]].clone()
+    longest = max(len(c) for c in candidates)
+    if longest == 1:
+        return scores.cpu()
+    n_prompts, vocab = len(prompts), out.logits.shape[-1]
+    lengths = batch["attention_mask"].sum(1)
+    chunk = max(1, LOGITS_BUDGET // (n_prompts * (longest - 1) * vocab))
+    for c0 in range(0, len(candidates), chunk):
+        group = candidates[c0:c0 + chunk]
+        k = len(group)
+        feed = torch.full((k, longest - 1), pad, dtype=torch.long, device=device)
+        target = torch.full((k, longest - 1), -100, dtype=torch.long, device=device)
+        for i, c in enumerate(group):
+            feed[i, :len(c) - 1] = torch.tensor(c[:-1])
+            target[i, :len(c) - 1] = torch.tensor(c[1:])
+        cache = copy.deepcopy(out.past_key_values)
+        cache.batch_repeat_interleave(k)  # row b*k + i: prompt b, candidate i
+        mask = torch.cat([batch["attention_mask"].repeat_interleave(k, 0),
+                          torch.ones((n_prompts * k, longest - 1), dtype=torch.long, device=device)], dim=1)
+        positions = lengths.repeat_interleave(k)[:, None] + torch.arange(longest - 1, device=device)[None]
+        logits = model(input_ids=feed.repeat(n_prompts, 1), attention_mask=mask, position_ids=positions,
+                       past_key_values=cache, use_cache=True).logits
+        scores[:, c0:c0 + k] += _sum_logprobs(logits, target.repeat(n_prompts, 1)).view(n_prompts, k)
+    return scores.cpu()
+
+
+@torch.no_grad()
+def _score_concatenated(model, prompt: list[int], candidates: list[list[int]], pad: int) -> torch.Tensor:
+    """Each candidate appended to the prompt as one sequence (no cache): prompt-learning models, and the reference."""
+    device = next(model.parameters()).device
+    batch = collate([{"input_ids": prompt + c, "labels": [-100] * len(prompt) + c} for c in candidates], pad)
+    inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
+    if not _is_prompt_learning(model):
+        inputs["position_ids"] = batch["position_ids"].to(device)
+    logits = model(**inputs).logits[:, -batch["input_ids"].shape[1]:]
+    return _sum_logprobs(logits[:, :-1], batch["labels"][:, 1:].to(device)).cpu()
+
+
+def _sum_logprobs(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    logp = F.log_softmax(logits.float(), dim=-1)
+    picked = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (picked * (target != -100)).sum(-1)
+
+
+def _is_prompt_learning(model) -> bool:
+    config = getattr(model, "peft_config", {}).get("default")
+    return bool(config is not None and config.is_prompt_learning)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Generation as the reference does it: decode a few tokens, map the text to a class
+
+
+@torch.no_grad()
+def generate_labels(model, encoder: Encoder, rows: list[dict], cfg: Config, progress=None) -> list[str]:
+    tokenizer = encoder.tokenizer
+    reserve = cfg.eval.max_new_tokens
+    device = next(model.parameters()).device
+    outputs = []
+    for start in range(0, len(rows), cfg.eval.batch_size):
+        prompts = [encoder.prompt_ids(row, reserve=reserve)[0] for row in rows[start:start + cfg.eval.batch_size]]
+        batch = collate([{"input_ids": p} for p in prompts], tokenizer.pad_token_id)
+        generated = model.generate(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                                   max_new_tokens=cfg.eval.max_new_tokens, num_beams=cfg.eval.num_beams, do_sample=False,
+                                   pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        new = generated[:, batch["input_ids"].shape[1]:]
+        outputs += tokenizer.batch_decode(new, skip_special_tokens=True)
+        if progress is not None:
+            progress.update(len(prompts))
+    return outputs
+
+
+def text_to_class(text: str, label_words: dict[str, str]) -> Optional[str]:
+    """Exact label text first, then the longest label the output starts with; None when nothing matches."""
+    cleaned = text.strip().lower()
+    words = {name: word.strip().lower() for name, word in label_words.items()}
+    for name, word in words.items():
+        if cleaned == word:
+            return name
+    for name, word in sorted(words.items(), key=lambda kv: -len(kv[1])):
+        if cleaned.startswith(word):
+            return name
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Metrics
+
+
+def classification_metrics(gold: list[str], predicted: list[Optional[str]], class_names: list[str]) -> dict:
+    predicted = [p if p is not None else INVALID for p in predicted]
+    columns = class_names + ([INVALID] if INVALID in predicted else [])
+    confusion = {g: {p: 0 for p in columns} for g in class_names}
+    for g, p in zip(gold, predicted):
+        confusion[g][p] += 1
+    per_class = {}
+    for name in class_names:
+        tp = confusion[name][name]
+        predicted_as = sum(confusion[g][name] for g in class_names)
+        support = sum(confusion[name].values())
+        precision = tp / predicted_as if predicted_as else 0.0
+        recall = tp / support if support else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class[name] = {"precision": precision, "recall": recall, "f1": f1, "support": support}
+    return {"accuracy": sum(g == p for g, p in zip(gold, predicted)) / len(gold),
+            "macro_f1": sum(c["f1"] for c in per_class.values()) / len(class_names),
+            "invalid": predicted.count(INVALID), "n": len(gold), "per_class": per_class, "confusion_matrix": confusion}
+
+
+def format_report(metrics: dict) -> str:
+    lines = [f"accuracy {metrics['accuracy']:.4f} | macro-F1 {metrics['macro_f1']:.4f} | n={metrics['n']}"
+             + (f" | invalid outputs {metrics['invalid']}" if metrics.get("invalid") else "")]
+    classes = list(metrics["confusion_matrix"])
+    if len(classes) <= 10:
+        columns = list(next(iter(metrics["confusion_matrix"].values())))
+        width = max(len(c) for c in columns + classes) + 2
+        lines.append("confusion (rows: gold, columns: predicted)")
+        lines.append(" " * width + "".join(c.rjust(width) for c in columns))
+        for g in classes:
+            lines.append(g.ljust(width) + "".join(str(metrics["confusion_matrix"][g][p]).rjust(width) for p in columns))
+        for name, c in metrics["per_class"].items():
+            lines.append(f"  {name}: precision {c['precision']:.3f} recall {c['recall']:.3f} f1 {c['f1']:.3f} (n={c['support']})")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The job
+
+
+def evaluate(cfg: Config, out_dir: str | Path, split: str = "eval", model_dir: Optional[str] = None,
+             adapter_dir: Optional[str] = None, method: Optional[str] = None, quiet: bool = False) -> dict:
+    """Evaluate on data.eval_file (split=eval) or data.test_file (split=test); write predictions, metrics, submission."""
+    from peft_tuner import distributed as dist
+
+    method = method or cfg.eval.method
+    spec = cfg.data.eval_file if split == "eval" else cfg.data.test_file
+    if not spec:
+        raise DataError(f"data.{split}_file: not set; nothing to evaluate")
+    table = read_table(spec, split)  # data problems surface before any model loads
+    if cfg.data.task == "text":
+        return evaluate_text(cfg, table, out_dir, model_dir, adapter_dir, quiet)
+    task = load_task(cfg, adapter_dir or model_dir)
+    rows = prepare_split(task, table, cfg.data, require_labels=False).rows
+    labelled = all(r.get(task.label_column) is not None for r in rows) and task.label_column in table.columns
+
+    world = 1
+    if dist.detect_launcher() != "python":
+        dist.init_distributed()
+        world = dist.world_size()
+    model, tokenizer, model_kind = load_for_inference(cfg, model_dir, adapter_dir)
+    model.to(dist.device())
+    encoder = Encoder(tokenizer, task, cfg.data.max_length)
+    mine = list(range(dist.rank(), len(rows), world))
+    progress = None
+    if dist.is_main() and not quiet:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=len(mine), desc=f"evaluate ({method}, rank 0 of {world})", dynamic_ncols=True)
+    started = time.time()
+    my_rows = [rows[i] for i in mine]
+    if method == "rank":
+        scores = rank_scores(model, encoder, my_rows, cfg.eval.batch_size, share_cache=not _is_prompt_learning(model),
+                             progress=progress)
+        if cfg.eval.calibrate:
+            scores = scores - content_free_prior(model, encoder)
+        results = [{"prediction": task.class_names[int(s.argmax())], "scores": dict(zip(task.class_names, s.tolist()))}
+                   for s in scores]
+    else:
+        texts = generate_labels(model, encoder, my_rows, cfg, progress=progress)
+        results = [{"prediction": text_to_class(t, task.label_words), "output": t} for t in texts]
+    elapsed = time.time() - started
+    if progress is not None:
+        progress.close()
+    gathered = dist.all_gather_objects([(i, r) for i, r in zip(mine, results)])
+    elapsed = max(dist.all_gather_objects(elapsed))
+    if not dist.is_main():
+        dist.shutdown()
+        return {}
+    by_index = dict(pair for part in gathered for pair in part)
+    assert sorted(by_index) == list(range(len(rows))), "every row exactly once"
+    predictions = []
+    for i, row in enumerate(rows):
+        record = {"index": i, "id": row.get(cfg.data.id_column), "prompt": task.prompt(row), **by_index[i]}
+        if labelled:
+            record["gold"] = row[task.label_column]
+        predictions.append(record)
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / f"predictions_{split}.jsonl", "w") as f:
+        for record in predictions:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    result = {"split": split, "source": spec, "method": method, "model": model_kind, "rows": len(rows),
+              "processes": world, "seconds": round(elapsed, 3), "examples_per_second": round(len(rows) / elapsed, 2)}
+    if labelled:
+        result.update(classification_metrics([p["gold"] for p in predictions], [p["prediction"] for p in predictions],
+                                             task.class_names))
+    if not labelled or split == "test":
+        result["submission"] = str(write_submission(out / f"submission_{split}.csv", predictions, task))
+    (out / f"metrics_{split}.json").write_text(json.dumps(result, indent=2, ensure_ascii=False))
+    if not quiet:
+        print(f"evaluate | {spec} | {method} | {model_kind} | {len(rows)} rows on {world} process(es) | "
+              f"{result['examples_per_second']} examples/s")
+        if labelled:
+            print(format_report(result))
+        print(f"predictions: {out / f'predictions_{split}.jsonl'}" + (f" | submission: {result['submission']}" if "submission" in result else ""))
+    dist.shutdown()
+    return result
+
+
+def write_submission(path: Path, predictions: list[dict], task: ClassificationTask) -> Path:
+    """RAFT format: ID,Label, one row per test example; an unmatched generation gets the first class."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["ID", "Label"])
+        for p in predictions:
+            writer.writerow([p["id"], p["prediction"] or task.class_names[0]])
+    return path
+
+
+@torch.no_grad()
+def content_free_prior(model, encoder: Encoder) -> torch.Tensor:
+    """Class scores for content-free inputs ("N/A", "", "[MASK]"), averaged: subtracting them calibrates the classes."""
+    rows = [{c: text for c in encoder.task.template_columns} for text in ("N/A", "", "[MASK]")]
+    scores = rank_scores(model, encoder, rows, batch_size=3, share_cache=not _is_prompt_learning(model))
+    return torch.logsumexp(scores.log_softmax(-1), 0) - math.log(len(rows))
+
+
+@torch.no_grad()
+def evaluate_text(cfg: Config, table, out_dir, model_dir, adapter_dir, quiet: bool) -> dict:
+    """Plain text: mean token loss and perplexity over packed blocks of data.max_length."""
+    column = cfg.data.text_column or "text"
+    model, tokenizer, model_kind = load_for_inference(cfg, model_dir, adapter_dir)
+    blocks = pack_text(tokenizer, [str(r.get(column, "")) for r in table.rows[: cfg.data.max_rows]], cfg.data.max_length)
+    total, tokens, started = 0.0, 0, time.time()
+    for start in range(0, len(blocks), cfg.eval.batch_size):
+        batch = collate(blocks[start:start + cfg.eval.batch_size], tokenizer.pad_token_id)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        total += float(F.cross_entropy(logits[:, :-1].float().flatten(0, 1), batch["labels"][:, 1:].flatten(), reduction="sum"))
+        tokens += int(batch["labels"][:, 1:].numel())
+    loss = total / tokens
+    result = {"source": table.source, "model": model_kind, "blocks": len(blocks), "tokens": tokens, "loss": loss,
+              "perplexity": math.exp(loss), "seconds": round(time.time() - started, 3)}
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    (Path(out_dir) / "metrics_text.json").write_text(json.dumps(result, indent=2))
+    if not quiet:
+        print(f"evaluate | {table.source} | {model_kind} | {tokens} tokens | loss {loss:.4f} | perplexity {math.exp(loss):.2f}")
+    return result

@@ -1,0 +1,165 @@
+"""Merge (LoRA, DoRA, rsLoRA on each family), loading the merged folder without peft, rank classification against
+scoring each candidate alone, evaluation over 2 processes, RAFT submission files, generation."""
+from __future__ import annotations
+
+import csv
+import json
+import sys
+
+import pytest
+import torch
+
+from conftest import launch_command, run, write_recipe
+from peft_tuner.config import Config, ModelConfig, PeftSettings
+from peft_tuner.data import Encoder, build_task, read_table
+from peft_tuner.evaluate import classification_metrics, rank_scores, text_to_class
+from peft_tuner.merge import MergeError, merge
+from peft_tuner.modeling import build_peft_model, load_base_model, load_tokenizer
+
+VARIANTS = {"lora": {}, "dora": {"use_dora": True}, "rslora": {"use_rslora": True}}
+
+
+def make_adapter(model_path, out_dir, method="lora", **settings):
+    """An adapter whose weights are not the identity (LoRA B is zero at init), saved as training would."""
+    torch.manual_seed(0)
+    model_cfg = ModelConfig(name_or_path=str(model_path))
+    model = build_peft_model(load_base_model(model_cfg), PeftSettings(method=method, r=4, num_virtual_tokens=4, **settings),
+                             model_cfg, total_steps=10)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(out_dir)
+    load_tokenizer(model_cfg).save_pretrained(out_dir)
+    return model.eval()
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("arch", ["gpt2", "bloom", "opt", "llama"])
+def test_merged_logits_equal_adapter_logits(tiny_models, tmp_path, arch, variant):
+    from transformers import AutoModelForCausalLM
+
+    peft_model = make_adapter(tiny_models[arch], tmp_path / "adapter", **VARIANTS[variant])
+    cfg = Config(model=ModelConfig(name_or_path=str(tiny_models[arch])))
+    result = merge(cfg, tmp_path / "adapter", tmp_path / "merged")
+    assert result["max_logit_diff"] < 1e-4
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    ids = torch.tensor([[5, 9, 30, 41, 7, 12]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, peft_model(ids).logits, atol=1e-4, rtol=1e-4)
+        base = AutoModelForCausalLM.from_pretrained(tiny_models[arch]).eval()
+        assert (base(ids).logits - merged(ids).logits).abs().max() > 1e-4  # the adapter did change something
+
+
+def test_merged_folder_loads_without_peft_and_through_pipeline(tiny_models, tmp_path):
+    make_adapter(tiny_models["llama"], tmp_path / "adapter")
+    merge(Config(model=ModelConfig(name_or_path=str(tiny_models["llama"]))), tmp_path / "adapter", tmp_path / "merged",
+          dtype="bf16")
+    script = ("import sys; sys.modules['peft'] = None\n"
+              "import torch; from transformers import AutoModelForCausalLM, pipeline\n"
+              f"m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'merged')!r})\n"
+              "assert m.dtype == torch.bfloat16, m.dtype\n"
+              f"out = pipeline('text-generation', model={str(tmp_path / 'merged')!r})('Hello', max_new_tokens=4)\n"
+              "print('OK', out[0]['generated_text'][:5])\n")
+    proc = run([sys.executable, "-c", script], timeout=120)
+    assert "OK Hello" in proc.stdout
+
+
+def test_merge_refuses_a_non_empty_output_folder(tiny_models, tmp_path):
+    make_adapter(tiny_models["gpt2"], tmp_path / "adapter")
+    (tmp_path / "merged").mkdir()
+    (tmp_path / "merged" / "mine.txt").write_text("keep me")
+    with pytest.raises(MergeError, match="not empty; choose another folder or pass --overwrite"):
+        merge(Config(model=ModelConfig(name_or_path=str(tiny_models["gpt2"]))), tmp_path / "adapter", tmp_path / "merged")
+    assert (tmp_path / "merged" / "mine.txt").read_text() == "keep me"
+
+
+def test_prompt_tuning_cannot_merge_but_evaluates_with_its_adapter(tiny_models, tmp_path, data_dir):
+    make_adapter(tiny_models["llama"], tmp_path / "adapter", method="prompt_tuning")
+    cfg = Config(model=ModelConfig(name_or_path=str(tiny_models["llama"])))
+    with pytest.raises(MergeError, match="cannot be merged; serve it with the adapter"):
+        merge(cfg, tmp_path / "adapter", tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+    from peft_tuner.evaluate import evaluate
+
+    cfg.data.train_file, cfg.data.eval_file = str(data_dir / "raft"), str(data_dir / "raft")
+    result = evaluate(cfg, tmp_path / "eval", adapter_dir=str(tmp_path / "adapter"), quiet=True)
+    assert result["n"] == 8 and result["invalid"] == 0 and 0 <= result["accuracy"] <= 1
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "bloom", "opt", "llama"])
+def test_rank_classification_matches_scoring_each_candidate_alone(tiny_models, data_dir, arch):
+    from peft_tuner.config import DataConfig
+
+    model = load_base_model(ModelConfig(name_or_path=str(tiny_models[arch]))).eval()
+    tokenizer = load_tokenizer(ModelConfig(name_or_path=str(tiny_models[arch])))
+    table = read_table(str(data_dir / "raft"), "train")
+    # three classes whose label texts have different token lengths
+    task = build_task(DataConfig(class_names=["complaint", "no complaint", "neither"],
+                                 label_words={"neither": "something else entirely"}), table)
+    encoder = Encoder(tokenizer, task, 64)
+    rows = table.rows[:7]
+    batched = rank_scores(model, encoder, rows, batch_size=3, share_cache=True)
+    alone = torch.zeros_like(batched)
+    with torch.no_grad():
+        for r, row in enumerate(rows):
+            prompt = encoder.prompt_ids(row, reserve=max(len(v) for v in encoder.label_ids.values()))[0]
+            for c, name in enumerate(task.class_names):
+                label = encoder.label_ids[name]
+                logp = torch.log_softmax(model(torch.tensor([prompt + label])).logits[0].float(), -1)
+                alone[r, c] = sum(logp[len(prompt) - 1 + j, t] for j, t in enumerate(label))
+    torch.testing.assert_close(batched, alone, atol=2e-4, rtol=1e-4)
+    assert batched.argmax(1).tolist() == alone.argmax(1).tolist()
+
+
+def test_metrics_and_text_to_class():
+    metrics = classification_metrics(["a", "a", "b", "b"], ["a", "b", "b", None], ["a", "b"])
+    assert metrics["accuracy"] == 0.5 and metrics["invalid"] == 1
+    assert metrics["confusion_matrix"]["b"] == {"a": 0, "b": 1, "<invalid>": 1}
+    assert metrics["per_class"]["a"] == {"precision": 1.0, "recall": 0.5, "f1": pytest.approx(2 / 3), "support": 2}
+    words = {"complaint": "complaint", "no complaint": "no complaint"}
+    assert text_to_class(" no complaint", words) == "no complaint"
+    assert text_to_class("complaint about", words) == "complaint"
+    assert text_to_class("banana", words) is None
+
+
+def test_evaluation_over_two_processes_returns_every_row_once(tiny_models, data_dir, tmp_path):
+    """10 test rows over 2 processes (and 7 labelled ones: an odd tail) match the 1-process predictions."""
+    recipe = write_recipe(tmp_path / "recipe.yaml", tiny_models["opt"], data_dir / "raft", tmp_path / "run",
+                          data={"eval_file": str(data_dir / "raft" / "dev.csv"), "test_file": str(data_dir / "raft"),
+                                "max_rows": 7})
+    outputs = {}
+    for launcher in ("python", "torchrun"):
+        for split in ("eval", "test"):
+            out = tmp_path / f"{launcher}-{split}"
+            run(launch_command(launcher, "launch/evaluate.py") + [str(recipe), "--split", split, "--out", str(out)], timeout=300)
+            outputs[launcher, split] = [json.loads(l) for l in (out / f"predictions_{split}.jsonl").read_text().splitlines()]
+    for split, n in (("eval", 7), ("test", 7)):
+        two = outputs["torchrun", split]
+        assert [p["index"] for p in two] == list(range(n))
+        assert [p["prediction"] for p in two] == [p["prediction"] for p in outputs["python", split]]
+        for a, b in zip(two, outputs["python", split]):
+            assert a["scores"] == pytest.approx(b["scores"], abs=1e-4)
+    metrics = json.loads((tmp_path / "torchrun-eval" / "metrics_eval.json").read_text())
+    assert metrics["processes"] == 2 and metrics["n"] == 7
+    with open(tmp_path / "torchrun-test" / "submission_test.csv") as f:
+        submission = list(csv.DictReader(f))
+    assert [int(r["ID"]) for r in submission] == [100 + i for i in range(7)]
+    assert {r["Label"] for r in submission} <= {"complaint", "no complaint"}
+
+
+def test_generate_greedy_beam_and_sampling(tiny_models, tmp_path):
+    from peft_tuner.generate import generate
+
+    tokenizer = load_tokenizer(ModelConfig(name_or_path=str(tiny_models["llama"])))
+    model = load_base_model(ModelConfig(name_or_path=str(tiny_models["llama"]))).eval()
+    prompts = ["Tweet text : hello", "a much longer prompt than the first one is"]
+    cfg = Config()
+    cfg.generate.max_new_tokens = 6
+    greedy = generate(model, tokenizer, prompts, cfg)
+    assert generate(model, tokenizer, prompts[:1], cfg) == greedy[:1]  # left padding does not change the output
+    cfg.generate.num_beams, cfg.generate.num_return_sequences = 3, 2
+    assert [len(o) for o in generate(model, tokenizer, prompts, cfg)] == [2, 2]
+    cfg.generate.num_beams, cfg.generate.num_return_sequences = 1, 1
+    cfg.generate.do_sample, cfg.generate.top_k, cfg.generate.temperature = True, 5, 1.5
+    assert generate(model, tokenizer, prompts, cfg, seed=3) == generate(model, tokenizer, prompts, cfg, seed=3)
