@@ -84,6 +84,7 @@ class TrainConfig:
     checkpoint_steps: int = _help(0, "Write a resumable checkpoint every N optimizer steps (0: only on SIGTERM).")
     keep_checkpoints: int = _help(2, "How many of the newest checkpoints to keep.")
     log_steps: int = _help(1, "Log every N optimizer steps.")
+    eval_each_epoch: bool = _help(False, "Rank-classify data.eval_file after every epoch and log its accuracy.")
     verify_adapter: bool = _help(True, "After saving, reload the adapter on rank 0 and check it reproduces the trained logits.")
 
 
@@ -94,6 +95,7 @@ class EvalConfig:
     max_new_tokens: int = _help(5, "Tokens to decode with method=generate.")
     num_beams: int = _help(1, "Beams with method=generate.")
     calibrate: bool = _help(False, "Divide class probabilities by their content-free prior (rank method).")
+    dtype: Optional[str] = _help(None, "Weights dtype for evaluation and generation (bf16 is ~1.8x faster on AVX-512 CPUs); default model.dtype.")
 
 
 @dataclass
@@ -325,6 +327,7 @@ def validate(cfg: Config) -> list[str]:
     check(cfg.train.checkpoint_steps >= 0, "train.checkpoint_steps: must be >= 0")
     check(cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints: must be >= 1")
     check(cfg.train.log_steps >= 1, "train.log_steps: must be >= 1")
+    check(cfg.eval.dtype in (None, "fp32", "bf16", "fp16"), f"eval.dtype: '{cfg.eval.dtype}' is not one of fp32, bf16, fp16")
     check(cfg.eval.method in ("rank", "generate"), f"eval.method: '{cfg.eval.method}' is not one of rank, generate")
     check(cfg.eval.batch_size > 0, "eval.batch_size: must be positive")
     check(cfg.generate.num_return_sequences <= max(cfg.generate.num_beams, 1) or cfg.generate.do_sample,

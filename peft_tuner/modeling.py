@@ -4,6 +4,7 @@ Knows nothing of distribution: the engine partitions what this returns.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -31,7 +32,7 @@ class ModelError(ValueError):
 
 def resolve_model_source(cfg: ModelConfig) -> tuple[str, Optional[str]]:
     """(folder or hub id, gguf file name); checks local paths and the GGUF magic before anything is loaded."""
-    source, gguf_file = cfg.name_or_path, cfg.gguf_file
+    source, gguf_file = os.path.expandvars(os.path.expanduser(cfg.name_or_path)), cfg.gguf_file
     if not source:
         raise ModelError("model.name_or_path: not set; give a local folder, a .gguf file or a hub id")
     path = Path(source)

@@ -120,3 +120,7 @@ def register(sub) -> None:
     p.add_argument("gguf_file")
     p.add_argument("out_dir")
     p.set_defaults(run=lambda args: print(convert_gguf(args.gguf_file, args.out_dir)) or 0)
+
+    from peft_tuner import demo
+
+    demo.register(sub)

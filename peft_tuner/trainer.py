@@ -151,8 +151,13 @@ def setup_data(cfg: Config, tokenizer) -> TrainData:
     split = prepare_split(task, table, cfg.data, require_labels=True)
     encoder = Encoder(tokenizer, task, cfg.data.max_length)
     examples, truncated = encode_training_rows(encoder, split.rows)
+    eval_rows = []
+    if cfg.train.eval_each_epoch:
+        if not cfg.data.eval_file:
+            raise ConfigError("train.eval_each_epoch: needs data.eval_file (labelled rows)")
+        eval_rows = prepare_split(task, read_table(cfg.data.eval_file, "eval"), cfg.data, require_labels=True).rows
     return TrainData(examples=examples, task=task.to_dict(), rows=len(examples), dropped_empty=split.dropped_empty,
-                     truncated=truncated, encoder=encoder)
+                     truncated=truncated, encoder=encoder, eval_rows=eval_rows)
 
 
 def setup_engine(model, ds_config: dict, cfg: Config, total_steps: int):
@@ -277,12 +282,35 @@ def fit(engine, cfg: Config, data: TrainData, tokenizer, log: "RunLog", global_b
             if cfg.train.checkpoint_steps and done % cfg.train.checkpoint_steps == 0 and done < total_steps:
                 ckpt.save_checkpoint(engine, cfg, _loop_state(done, epoch, world, stage))
         log.record({"event": "epoch", "epoch": epoch + 1, "loss": last_loss})
+        if data.eval_rows and (epoch + 1) * steps_per_epoch > start_step:
+            accuracy = accuracy_during_training(engine, cfg, data)
+            log.record({"event": "eval", "epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch, "accuracy": accuracy})
+            if progress is not None:
+                progress.write(f"epoch {epoch + 1}: eval accuracy {accuracy:.4f} on {len(data.eval_rows)} rows")
     if progress is not None:
         progress.close()
     stop.restore()
     measured = step_times[1:] or step_times  # the first step pays for warm-up
     return {"steps_done": step + 1 if step_times else start_step, "final_loss": last_loss,
             "mean_step_seconds": sum(measured) / max(len(measured), 1)}
+
+
+def accuracy_during_training(engine, cfg: Config, data: TrainData) -> float:
+    """Rank classification of the eval rows, split evenly over the ranks (padded so that every rank runs as many
+    forwards: under ZeRO-3 each forward is a collective)."""
+    from peft_tuner.evaluate import rank_scores
+
+    rows, world, rank = data.eval_rows, dist.world_size(), dist.rank()
+    per_rank = math.ceil(len(rows) / world)
+    indices = range(rank * per_rank, (rank + 1) * per_rank)
+    mine = [rows[min(i, len(rows) - 1)] for i in indices]
+    engine.eval()
+    scores = rank_scores(engine.module, data.encoder, mine, cfg.eval.batch_size, share_cache=uses_position_ids(cfg.peft.method))
+    engine.train()
+    names, label = data.encoder.task.class_names, data.encoder.task.label_column
+    correct = sum(names[int(s.argmax())] == row[label] for i, s, row in zip(indices, scores, mine) if i < len(rows))
+    (total_correct,) = dist.all_reduce([float(correct)])
+    return total_correct / len(rows)
 
 
 def token_loss_sum(engine, batch: dict, pass_positions: bool) -> torch.Tensor:
