@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -30,6 +31,16 @@ ADAPTER_CONFIG_FILE = "peft_tuner_config.yaml"
 # Keys whose change alters the result of a run; anything else (logging, checkpoint cadence) may change on --resume.
 RESUME_INSENSITIVE = {"train.checkpoint_steps", "train.keep_checkpoints", "train.log_steps", "output_dir", "eval", "generate",
                       "data.eval_file", "data.test_file"}
+
+
+def kill_point(point: str, step: int) -> None:
+    """Fault injection for the crash tests: PEFT_TUNER_KILL_AT=POINT:STEP[:RANK] sends SIGKILL to this process there
+    (points: after_step, in_checkpoint)."""
+    spec = os.environ.get("PEFT_TUNER_KILL_AT")
+    if spec:
+        name, at, *who = spec.split(":")
+        if name == point and int(at) == step and (not who or int(who[0]) == dist.rank()):
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 class ResumeError(ValueError):
@@ -105,6 +116,7 @@ def save_checkpoint(engine, cfg: Config, state: dict) -> Path:
     engine.save_checkpoint(str(root), tag=tmp_tag, client_state={"peft_tuner": state}, save_latest=False,
                            exclude_frozen_parameters=True)
     torch.save(_rng_state(), root / tmp_tag / f"rng_state_rank{dist.rank()}.pt")
+    kill_point("in_checkpoint", step)
     dist.barrier()
     if dist.is_main():
         (root / tmp_tag / "meta.json").write_text(json.dumps({**state, "complete": True}, indent=2))

@@ -8,7 +8,7 @@ import argparse
 import os
 import sys
 
-USER_ERRORS = ("ConfigError", "DataError", "ModelError", "ResumeError", "MergeError", "PrepareError")
+USER_ERRORS = ("ConfigError", "DataError", "ModelError", "ResumeError", "MergeError", "PrepareError", "TrainingStopped")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -46,6 +46,14 @@ def detect_launcher() -> str:
     return "python"
 
 
+def expected_world_size() -> int:
+    """The number of processes the launcher started, read from the environment before any process group exists."""
+    for key in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MV2_COMM_WORLD_SIZE"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return 1
+
+
 def use_cpu_accelerator_if_no_gpu() -> None:
     """DeepSpeed picks its accelerator at import; with no CUDA device, ask for its CPU one (gloo) explicitly."""
     if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():

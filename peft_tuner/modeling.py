@@ -133,6 +133,28 @@ def resolve_target_modules(model, settings: PeftSettings):
     return targets
 
 
+def check_peft_applies(model_cfg: ModelConfig, settings: PeftSettings) -> None:
+    """Target modules and method checked on a weightless skeleton of the model (meta device): seconds, not minutes."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if settings.method not in ("lora", "adalora", "ia3"):
+        return
+    source, gguf_file = resolve_model_source(model_cfg)
+    config = AutoConfig.from_pretrained(source, gguf_file=gguf_file, trust_remote_code=model_cfg.trust_remote_code)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=model_cfg.trust_remote_code)
+    resolve_target_modules(skeleton, settings)
+    _check_ia3_default(skeleton, settings)
+
+
+def _check_ia3_default(model, settings: PeftSettings) -> None:
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as ia3_table
+
+    if settings.method == "ia3" and settings.target_modules is None and model.config.model_type not in ia3_table:
+        raise ModelError(f"peft.target_modules: IA3 has no default for {model.config.model_type}; "
+                         f"name them, from: {', '.join(linear_layer_names(model))}")
+
+
 def build_peft_model(model, settings: PeftSettings, model_cfg: ModelConfig, total_steps: int):
     """Wrap the base model with the configured PEFT method; `full` trains every weight and wraps nothing."""
     import peft
@@ -152,11 +174,7 @@ def build_peft_model(model, settings: PeftSettings, model_cfg: ModelConfig, tota
                                     lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                                     total_step=max(total_steps, 3), tinit=0, tfinal=0, **common)
     elif settings.method == "ia3":
-        from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as ia3_table
-
-        if common["target_modules"] is None and model.config.model_type not in ia3_table:
-            raise ModelError(f"peft.target_modules: IA3 has no default for {model.config.model_type}; "
-                             f"name them, from: {', '.join(linear_layer_names(model))}")
+        _check_ia3_default(model, settings)
         config = peft.IA3Config(**common)
     elif settings.method == "prompt_tuning":
         init = dict(prompt_tuning_init=peft.PromptTuningInit.TEXT, prompt_tuning_init_text=settings.prompt_init_text,

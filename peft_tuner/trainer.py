@@ -24,7 +24,7 @@ from peft_tuner import distributed as dist
 from peft_tuner.config import Config, ConfigError, save_config
 from peft_tuner.data import (IGNORE_INDEX, DataError, Encoder, build_task, collate, encode_training_rows, pack_text,
                              prepare_split, read_table)
-from peft_tuner.modeling import (build_peft_model, count_parameters, load_base_model, load_tokenizer, load_trained_model,
+from peft_tuner.modeling import (build_peft_model, check_peft_applies, count_parameters, load_base_model, load_tokenizer, load_trained_model,
                                  uses_position_ids)
 
 
@@ -47,21 +47,25 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
     """Run a whole training job and return its summary (also written to output_dir/summary.json)."""
     # 1. Everything the user wrote is checked before the process group or the model come up.
     check_output_dir(cfg, resume, overwrite)
+    world = dist.expected_world_size()
     ds_raw, ds_source = dist.deepspeed_source(cfg)
-    tokenizer = load_tokenizer(cfg.model)
-    data = setup_data(cfg, tokenizer)
-
-    # 2. Processes and the DeepSpeed config.
-    launcher = dist.init_distributed()
-    world = dist.world_size()
     ds_config = dist.resolve_deepspeed_config(ds_raw, cfg, world, ds_source)
     stage = dist.zero_stage(ds_config)
     problem = dist.check_method_fits_zero(cfg.peft.method, stage)
     if problem:
         raise ConfigError(problem)
+    tokenizer = load_tokenizer(cfg.model)
+    check_peft_applies(cfg.model, cfg.peft)
+    data = setup_data(cfg, tokenizer)
+    checkpoint = find_resumable_checkpoint(cfg, world, stage) if resume else None
     global_batch = cfg.train.batch_size * cfg.train.gradient_accumulation * world
     steps_per_epoch = math.ceil(len(data.examples) / global_batch)
     total_steps = steps_per_epoch * cfg.train.epochs
+
+    # 2. Processes.
+    launcher = dist.init_distributed()
+    if dist.world_size() != world:
+        raise RuntimeError(f"expected {world} processes from the environment, the process group has {dist.world_size()}")
 
     # 3. Model and engine.
     torch.manual_seed(cfg.train.seed)
@@ -71,8 +75,8 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
     torch.manual_seed(cfg.train.seed + dist.rank())  # dropout differs across ranks, reproducibly
 
     start_step = 0
-    if resume:
-        start_step = resume_from_checkpoint(engine, cfg, world, stage)
+    if checkpoint is not None:
+        start_step = int(ckpt.load_checkpoint(engine, checkpoint)["global_step"])
     if dist.is_main():
         prepare_output_dir(cfg, overwrite=overwrite and not resume)
     dist.barrier()
@@ -202,7 +206,8 @@ def verify_adapter(engine, cfg: Config, data: TrainData, tokenizer, adapter_dir:
     return difference
 
 
-def resume_from_checkpoint(engine, cfg: Config, world: int, stage: int) -> int:
+def find_resumable_checkpoint(cfg: Config, world: int, stage: int) -> Path:
+    """The newest complete checkpoint, refused if it belongs to a run that differs in anything that changes the result."""
     import yaml
 
     path = ckpt.find_latest_checkpoint(cfg)
@@ -211,8 +216,7 @@ def resume_from_checkpoint(engine, cfg: Config, world: int, stage: int) -> int:
     meta = json.loads((path / "meta.json").read_text())
     saved_cfg = yaml.safe_load((Path(cfg.output_dir) / ckpt.CONFIG_FILE).read_text())
     ckpt.check_resume_compatible(cfg, saved_cfg, meta, world, stage)
-    state = ckpt.load_checkpoint(engine, path)
-    return int(state["global_step"])
+    return path
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -281,6 +285,7 @@ def fit(engine, cfg: Config, data: TrainData, tokenizer, log: "RunLog", global_b
                 progress.update(1)
             if cfg.train.checkpoint_steps and done % cfg.train.checkpoint_steps == 0 and done < total_steps:
                 ckpt.save_checkpoint(engine, cfg, _loop_state(done, epoch, world, stage))
+            ckpt.kill_point("after_step", done)
         log.record({"event": "epoch", "epoch": epoch + 1, "loss": last_loss})
         if data.eval_rows and (epoch + 1) * steps_per_epoch > start_step:
             accuracy = accuracy_during_training(engine, cfg, data)

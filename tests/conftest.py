@@ -86,9 +86,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def write_recipe(path: Path, model: Path, train_file: Path, output_dir: Path, **sections) -> Path:
+def write_recipe(path: Path, model_path: Path, train_file: Path, output_dir: Path, **sections) -> Path:
     recipe = {
-        "model": {"name_or_path": str(model)},
+        "model": {"name_or_path": str(model_path)},
         "data": {"train_file": str(train_file), "max_length": 48},
         "peft": {"method": "lora", "r": 4, "alpha": 16, "dropout": 0.0},
         "train": {"epochs": 3, "learning_rate": 5e-2, "batch_size": 4, "seed": 7},
@@ -136,3 +136,24 @@ def step_losses(output_dir: Path) -> list[float]:
 
 def summary(output_dir: Path) -> dict:
     return json.loads((output_dir / "summary.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, tiny_models, data_dir):
+    """Training runs shared across test modules: (launcher, ZeRO stage, arch, micro batch) -> (output_dir, process)."""
+    cache = {}
+
+    def get(launcher: str, stage: int, arch: str, batch_size: int = 4):
+        key = (launcher, stage, arch, batch_size)
+        if key not in cache:
+            out = tmp_path_factory.mktemp(f"{launcher}-z{stage}-{arch}")
+            recipe = write_recipe(out / "recipe.yaml", tiny_models[arch], data_dir / "raft", out / "run",
+                                  train={"batch_size": batch_size, "epochs": 4})
+            cmd = launch_command(launcher, stage=stage) + [str(recipe)]
+            if launcher not in ("python", "accelerate"):
+                cmd += ["--deepspeed", f"ds_configs/zero{stage}.json"]
+            proc = run(cmd, timeout=420)
+            cache[key] = (out / "run", proc)
+        return cache[key]
+
+    return get

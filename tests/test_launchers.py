@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import launch_command, run, step_losses, summary, write_recipe
+from conftest import step_losses, summary
 
 # launcher, ZeRO stage, architecture: every family and stage is covered across the launchers.
 RUNS = [
@@ -23,26 +23,6 @@ RUNS = [
     ("accelerate", 3, "bloom"),
 ]
 LOSS_TOLERANCE = 1e-4  # 1 process vs 2 under ZeRO-3, same seed and global batch: fp32 reduction order only (seen: 1e-5)
-
-
-@pytest.fixture(scope="session")
-def trained(tmp_path_factory, tiny_models, data_dir):
-    cache = {}
-
-    def get(launcher: str, stage: int, arch: str, batch_size: int = 4):
-        key = (launcher, stage, arch, batch_size)
-        if key not in cache:
-            out = tmp_path_factory.mktemp(f"{launcher}-z{stage}-{arch}")
-            recipe = write_recipe(out / "recipe.yaml", tiny_models[arch], data_dir / "raft", out / "run",
-                                  train={"batch_size": batch_size, "epochs": 4})
-            cmd = launch_command(launcher, stage=stage) + [str(recipe)]
-            if launcher not in ("python", "accelerate"):
-                cmd += ["--deepspeed", f"ds_configs/zero{stage}.json"]
-            proc = run(cmd, timeout=420)
-            cache[key] = (out / "run", proc)
-        return cache[key]
-
-    return get
 
 
 @pytest.mark.parametrize("launcher,stage,arch", RUNS, ids=[f"{l}-zero{s}-{a}" for l, s, a in RUNS])

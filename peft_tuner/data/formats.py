@@ -58,6 +58,8 @@ def build_task(cfg: DataConfig, table: Table) -> ClassificationTask:
         problems.append(f"data.label_column: not set and {table.source} does not say; columns there: {', '.join(table.columns)}")
     elif label_column not in table.columns:
         problems.append(f"data.label_column: '{label_column}' is not a column of {table.source}; columns there: {', '.join(table.columns)}")
+    if problems:
+        raise DataError("\n  - ".join(["the data does not fit the config:"] + problems))
     template = cfg.prompt_template or f"{text_column} : {{{text_column}}} Label : "
     try:
         fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]

@@ -1,0 +1,105 @@
+"""Crashes cost minutes, not the run: SIGKILL at a step or inside a checkpoint write, then --resume, ends with the same
+adapter as a run never interrupted (1 process, and 2 processes under ZeRO-2 and ZeRO-3); SIGTERM checkpoints and exits
+cleanly; a changed config is refused; a non-finite loss stops before touching the weights."""
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from conftest import ROOT, launch_command, run, step_losses, summary, write_recipe
+
+# (launcher, ZeRO stage, arch, micro batch, where the run is killed); the reference is the uninterrupted launcher run.
+CRASHES = [
+    ("python", 0, "llama", 8, "after_step:5"),
+    ("python", 0, "llama", 8, "in_checkpoint:4"),   # leaves a half-written checkpoint behind
+    ("deepspeed", 2, "gpt2", 4, "after_step:3:1"),  # rank 1 dies
+    ("deepspeed", 3, "llama", 4, "after_step:5:0"),
+]
+RESUME_TOLERANCE = 1e-6
+
+
+def crash_recipe(tmp_path, tiny_models, data_dir, arch, batch_size, **extra):
+    return write_recipe(tmp_path / "recipe.yaml", tiny_models[arch], data_dir / "raft", tmp_path / "run",
+                        train={"batch_size": batch_size, "epochs": 4, "checkpoint_steps": 2, **extra})
+
+
+def train_command(launcher, stage, recipe):
+    cmd = launch_command(launcher, stage=stage) + [str(recipe)]
+    return cmd + (["--deepspeed", f"ds_configs/zero{stage}.json"] if launcher != "python" else [])
+
+
+@pytest.mark.parametrize("launcher,stage,arch,batch_size,kill_at", CRASHES,
+                         ids=[f"{c[0]}-zero{c[1]}-{c[4].replace(':', '-')}" for c in CRASHES])
+def test_killed_run_resumes_to_the_same_adapter(trained, tiny_models, data_dir, tmp_path, launcher, stage, arch,
+                                                batch_size, kill_at):
+    reference, _ = trained(launcher, stage, arch, batch_size)
+    recipe = crash_recipe(tmp_path, tiny_models, data_dir, arch, batch_size)
+    killed = run(train_command(launcher, stage, recipe), env={"PEFT_TUNER_KILL_AT": kill_at}, timeout=300, check=False)
+    assert killed.returncode != 0
+    assert not (tmp_path / "run" / "adapter").exists()
+    if kill_at.startswith("in_checkpoint"):
+        assert list((tmp_path / "run" / "checkpoints").glob(".tmp-step-*"))  # the half-written one is there ...
+    resumed = run(train_command(launcher, stage, recipe) + ["--resume"], timeout=300)
+    if kill_at.startswith("in_checkpoint"):
+        assert "half-written checkpoint" in resumed.stderr  # ... and was skipped with a warning
+    expected = load_file(reference / "adapter" / "adapter_model.safetensors")
+    got = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    assert expected.keys() == got.keys()
+    worst = max(float((expected[k] - got[k]).abs().max()) for k in expected)
+    assert worst <= RESUME_TOLERANCE, worst
+    assert step_losses(tmp_path / "run")[-1] == pytest.approx(step_losses(reference)[-1], abs=1e-6)
+    assert summary(tmp_path / "run")["steps_done"] == 8
+    kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step-*"))
+    assert len(kept) <= 2  # train.keep_checkpoints
+
+
+def test_resume_refuses_a_checkpoint_of_another_run(tiny_models, data_dir, tmp_path):
+    recipe = crash_recipe(tmp_path, tiny_models, data_dir, "llama", 8)
+    run(train_command("python", 0, recipe), env={"PEFT_TUNER_KILL_AT": "after_step:3"}, check=False, timeout=200)
+    changed = run(train_command("python", 0, recipe) + ["--resume", "train.learning_rate=0.001", "peft.r=8"], check=False)
+    assert changed.returncode == 2
+    assert "train.learning_rate: checkpoint has 0.05, this run has 0.001" in changed.stderr
+    assert "peft.r: checkpoint has 4, this run has 8" in changed.stderr
+    wider = run(train_command("torchrun", 0, recipe) + ["--resume"], check=False, timeout=200)
+    assert wider.returncode != 0 and "checkpoint was written by 1 processes, this run has 2" in wider.stderr
+    fresh = run(train_command("python", 0, recipe), check=False)
+    assert fresh.returncode == 2 and "already holds a run; pass --resume" in fresh.stderr
+
+
+def test_sigterm_checkpoints_and_exits_cleanly_then_resumes(tiny_models, data_dir, tmp_path):
+    recipe = crash_recipe(tmp_path, tiny_models, data_dir, "llama", 8, epochs=300, checkpoint_steps=0, log_steps=1)
+    import os
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    proc = subprocess.Popen(train_command("python", 0, recipe), cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "run" / "train_log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.is_file() and log.read_text().count('"step"') >= 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]
+    assert "Continue with the same command plus --resume" in out
+    stopped_at = len(step_losses(tmp_path / "run"))
+    assert 3 <= stopped_at < 600
+    run(train_command("python", 0, recipe) + ["--resume"], timeout=300)
+    assert summary(tmp_path / "run")["steps_done"] == 600
+    assert len(step_losses(tmp_path / "run")) == 600  # each step logged once
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_models, data_dir, tmp_path):
+    recipe = crash_recipe(tmp_path, tiny_models, data_dir, "llama", 8, learning_rate=1e30, checkpoint_steps=1,
+                          max_grad_norm=0.0)
+    proc = run(train_command("python", 0, recipe), check=False, timeout=200)
+    assert proc.returncode == 2
+    assert "loss is" in proc.stderr and "weights not updated. Last good checkpoint:" in proc.stderr
+    pointer = (tmp_path / "run" / "checkpoints" / "latest").read_text()
+    assert pointer in proc.stderr and not (tmp_path / "run" / "adapter").exists()
+    saved = yaml.safe_load((tmp_path / "run" / "run_config.yaml").read_text())
+    assert saved["train"]["learning_rate"] == 1e30
