@@ -98,14 +98,17 @@ def train_with_launcher(recipe, overrides: list[str], processes: int, train_dir:
 
     cmd = [launcher, *devices, "--master_port", str(_free_port()), str(ROOT / "launch" / "train.py"), str(recipe),
            *overrides, "--deepspeed", str(ROOT / "ds_configs" / "zero2.json"), "--overwrite"]
-    proc = subprocess.run(cmd, env=env, cwd=Path.cwd(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, env=env, cwd=Path.cwd(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:  # show the run's own summary lines as they come; keep the rest for an error message
+        lines.append(line.rstrip())
+        if line.startswith(("peft-tuner train |", "done |", "epoch ")):
+            print("      " + line.rstrip(), flush=True)
+    proc.wait()
     summary_file = train_dir / "summary.json"
     if proc.returncode != 0 or not summary_file.is_file():
-        tail = "\n".join(proc.stdout.splitlines()[-40:])
+        tail = "\n".join(lines[-40:])
         raise RuntimeError(f"training failed (exit {proc.returncode}): {' '.join(cmd)}\n{tail}")
-    for line in proc.stdout.splitlines():
-        if line.startswith(("peft-tuner train |", "done |", "epoch ")):
-            print("      " + line, flush=True)
     return json.loads(summary_file.read_text())
 
 

