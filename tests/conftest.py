@@ -143,15 +143,15 @@ def trained(tmp_path_factory, tiny_models, data_dir):
     """Training runs shared across test modules: (launcher, ZeRO stage, arch, micro batch) -> (output_dir, process)."""
     cache = {}
 
-    def get(launcher: str, stage: int, arch: str, batch_size: int = 4):
-        key = (launcher, stage, arch, batch_size)
+    def get(launcher: str, stage: int, arch: str, batch_size: int = 4, ds_file: str | None = None, extra: tuple = ()):
+        key = (launcher, stage, arch, batch_size, ds_file, extra)
         if key not in cache:
             out = tmp_path_factory.mktemp(f"{launcher}-z{stage}-{arch}")
             recipe = write_recipe(out / "recipe.yaml", tiny_models[arch], data_dir / "raft", out / "run",
                                   train={"batch_size": batch_size, "epochs": 4})
-            cmd = launch_command(launcher, stage=stage) + [str(recipe)]
+            cmd = launch_command(launcher, stage=stage) + [str(recipe), *extra]
             if launcher not in ("python", "accelerate"):
-                cmd += ["--deepspeed", f"ds_configs/zero{stage}.json"]
+                cmd += ["--deepspeed", ds_file or f"ds_configs/zero{stage}.json"]
             proc = run(cmd, timeout=420)
             cache[key] = (out / "run", proc)
         return cache[key]

@@ -11,26 +11,28 @@ from safetensors.torch import load_file
 
 from conftest import step_losses, summary
 
-# launcher, ZeRO stage, architecture: every family and stage is covered across the launchers.
+# launcher, ZeRO stage, architecture, DeepSpeed file (default zero<stage>.json), overrides: every family and stage is
+# covered across the launchers, and optimizer + parameter offload and gradient checkpointing ride along.
 RUNS = [
-    ("deepspeed", 2, "gpt2"),
-    ("deepspeed", 3, "llama"),
-    ("torchrun", 2, "bloom"),
-    ("torchrun", 3, "opt"),
-    ("mpirun", 2, "llama"),
-    ("mpirun", 3, "gpt2"),
-    ("accelerate", 2, "opt"),
-    ("accelerate", 3, "bloom"),
+    ("deepspeed", 2, "gpt2", None, ()),
+    ("deepspeed", 3, "llama", None, ()),
+    ("torchrun", 2, "bloom", "ds_configs/zero2_offload.json", ()),
+    ("torchrun", 3, "opt", "ds_configs/zero3_offload.json", ()),
+    ("mpirun", 2, "llama", None, ("model.gradient_checkpointing=true",)),
+    ("mpirun", 3, "gpt2", None, ("model.gradient_checkpointing=true", "train.lr_scheduler=cosine", "train.warmup_ratio=0.2")),
+    ("accelerate", 2, "opt", None, ()),
+    ("accelerate", 3, "bloom", None, ()),
 ]
 LOSS_TOLERANCE = 1e-4  # 1 process vs 2 under ZeRO-3, same seed and global batch: fp32 reduction order only (seen: 1e-5)
 
 
-@pytest.mark.parametrize("launcher,stage,arch", RUNS, ids=[f"{l}-zero{s}-{a}" for l, s, a in RUNS])
-def test_launcher_trains_and_saves_a_loadable_adapter(trained, tiny_models, launcher, stage, arch):
+@pytest.mark.parametrize("launcher,stage,arch,ds_file,extra", RUNS,
+                         ids=[f"{r[0]}-{(r[3] or f'zero{r[1]}').split('/')[-1].removesuffix('.json')}-{r[2]}" for r in RUNS])
+def test_launcher_trains_and_saves_a_loadable_adapter(trained, tiny_models, launcher, stage, arch, ds_file, extra):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    out, proc = trained(launcher, stage, arch)
+    out, proc = trained(launcher, stage, arch, ds_file=ds_file, extra=extra)
     losses = step_losses(out)
     assert len(losses) == 8  # 16 rows / global batch 8 = 2 steps x 4 epochs
     assert losses[-1] < losses[0] - 0.05, losses

@@ -1,0 +1,42 @@
+"""The demo's pipeline end to end on a tiny model and a handful of rows: every stage runs (DeepSpeed training on 2
+processes included), and the report states the figures that the artefacts hold."""
+from __future__ import annotations
+
+import csv
+import json
+import sys
+
+import pytest
+
+from conftest import SHARED_DATA, run
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "raft" / "twitter_complaints").is_dir(), reason="shared data not present")
+def test_demo_runs_end_to_end_and_reports_what_it_wrote(tmp_path):
+    out = tmp_path / "demo"
+    proc = run([sys.executable, "-m", "peft_tuner.cli", "demo", "--tiny", "--out", str(out), "--test-rows", "12",
+                "data.max_rows=12", "train.epochs=2", "data.max_length=48"], timeout=400)
+    report = json.loads((out / "demo_report.json").read_text())
+    tuned = json.loads((out / "eval_tuned" / "metrics_eval.json").read_text())
+    base = json.loads((out / "eval_base" / "metrics_eval.json").read_text())
+    assert report["tuned"]["accuracy"] == tuned["accuracy"] and report["base"]["accuracy"] == base["accuracy"]
+    assert report["tuned"]["n"] == 12 == sum(sum(row.values()) for row in tuned["confusion_matrix"].values())
+    text = (out / "demo_report.md").read_text()
+    assert f"| LoRA-tuned | {tuned['accuracy']:.4f} | {tuned['macro_f1']:.4f} |" in text
+    assert f"| base model | {base['accuracy']:.4f} | {base['macro_f1']:.4f} |" in text
+    assert "peak memory" in text and "demo wall time" in text and text in proc.stdout
+    train_summary = json.loads((out / "train" / "summary.json").read_text())
+    assert train_summary["world_size"] == 2 and train_summary["zero_stage"] == 2
+    assert f"peak memory {train_summary['peak_memory_gb']:.2f} GB" in text
+    evals = [json.loads(l) for l in (out / "train" / "train_log.jsonl").read_text().splitlines() if '"eval"' in l]
+    assert [e["epoch"] for e in evals] == [1, 2]
+    with open(report["artifacts"]["submission"]) as f:
+        submission = list(csv.DictReader(f))
+    assert len(submission) == report["test_rows"] == 12
+    assert (out / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "merged" / "config.json").is_file() and report["merge_max_logit_diff"] < 1e-4
+    # a second run replaces the demo's own folder; a folder the demo did not write is refused
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    refused = run([sys.executable, "-m", "peft_tuner.cli", "demo", "--tiny", "--out", str(tmp_path / "mine")], check=False)
+    assert refused.returncode == 2 and "holds files the demo did not write" in refused.stderr
