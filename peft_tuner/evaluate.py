@@ -306,7 +306,8 @@ def evaluate(cfg: Config, out_dir: str | Path, split: str = "eval", model_dir: O
         for record in predictions:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
     result = {"split": split, "source": spec, "method": method, "model": model_kind, "rows": len(rows),
-              "processes": world, "seconds": round(elapsed, 3), "examples_per_second": round(len(rows) / elapsed, 2)}
+              "processes": world, "seconds": round(elapsed, 3), "examples_per_second": round(len(rows) / elapsed, 2),
+              "peak_memory_gb": round(dist.peak_memory_gb(), 3)}
     if labelled:
         result.update(classification_metrics([p["gold"] for p in predictions], [p["prediction"] for p in predictions],
                                              task.class_names))
@@ -315,7 +316,7 @@ def evaluate(cfg: Config, out_dir: str | Path, split: str = "eval", model_dir: O
     (out / f"metrics_{split}.json").write_text(json.dumps(result, indent=2, ensure_ascii=False))
     if not quiet:
         print(f"evaluate | {spec} | {method} | {model_kind} | {len(rows)} rows on {world} process(es) | "
-              f"{result['examples_per_second']} examples/s")
+              f"{result['examples_per_second']} examples/s | peak memory {result['peak_memory_gb']:.2f} GB")
         if labelled:
             print(format_report(result))
         print(f"predictions: {out / f'predictions_{split}.jsonl'}" + (f" | submission: {result['submission']}" if "submission" in result else ""))
