@@ -135,11 +135,13 @@ def main() -> None:
     p.add_argument("--cv", type=int, default=0, help="K-fold cross-validation on the 50 training rows")
     p.add_argument("--eval", action="store_true", help="train on all 50 rows and score dev.csv")
     p.add_argument("--also-generate", action="store_true", help="also score dev.csv by generation")
-    p.add_argument("overrides", nargs="*")
     p.set_defaults(run=run)
     p = sub.add_parser("table")
     p.set_defaults(run=table)
-    args = parser.parse_args()
+    argv = sys.argv[1:]
+    overrides = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    args.overrides = overrides
     args.run(args)
 
 
