@@ -23,6 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     if flags:
         parser.error(f"unknown option(s) {' '.join(flags)}; config values are given as section.key=value")
     args.overrides = list(getattr(args, "overrides", []) or []) + extra
+    from peft_tuner.distributed import use_cpu_accelerator_if_no_gpu
+
+    use_cpu_accelerator_if_no_gpu()  # before anything imports deepspeed: no GPU means its CPU accelerator, said plainly
     try:
         return int(args.run(args) or 0)
     except Exception as e:  # user mistakes get one clean message; anything else keeps its traceback

@@ -146,6 +146,8 @@ def setup_data(cfg: Config, tokenizer) -> TrainData:
         raise DataError("data.train_file: not set; give a file, a RAFT folder or a hub dataset")
     table = read_table(cfg.data.train_file, "train")
     if cfg.data.task == "text":
+        if cfg.train.eval_each_epoch:
+            raise ConfigError("train.eval_each_epoch: classification tasks only; evaluate a text task with peft-tuner evaluate")
         texts = [str(r.get(cfg.data.text_column or "text", "")) for r in table.rows[: cfg.data.max_rows]]
         if (cfg.data.text_column or "text") not in table.columns:
             raise DataError(f"{table.source}: no column '{cfg.data.text_column or 'text'}' (data.text_column); columns: {', '.join(table.columns)}")

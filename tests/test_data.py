@@ -168,3 +168,32 @@ def test_broken_files_name_the_line(tmp_path):
         read_table(str(empty))
     with pytest.raises(DataError, match="no such file or folder"):
         read_table(str(tmp_path / "missing.csv"))
+
+
+def test_plain_text_packs_full_blocks_with_eos_between_lines(tokenizer):
+    from peft_tuner.data import pack_text
+
+    blocks = pack_text(tokenizer, ["first line of text", "", "second line", " = Heading = "], block_size=8)
+    stream = []
+    for line in ["first line of text", "second line", " = Heading = "]:
+        stream += tokenizer(line, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert [b["input_ids"] for b in blocks] == [stream[i:i + 8] for i in range(0, len(stream) // 8 * 8, 8)]
+    assert all(b["labels"] == b["input_ids"] for b in blocks)
+    with pytest.raises(DataError, match="fewer than one block"):
+        pack_text(tokenizer, ["short"], block_size=512)
+
+
+def test_chinese_reviews_with_numeric_labels_and_label_words(tmp_path, tokenizer):
+    from conftest import write_csv
+
+    path = write_csv(tmp_path / "reviews.csv", [{"label": 1, "review": "房间很干净，服务很好"}, {"label": 0, "review": "太吵了"},
+                                                {"label": 1, "review": ""}])
+    cfg = DataConfig(text_column="review", label_column="label", prompt_template="评论：{review} 情感：",
+                     class_names=["0", "1"], label_words={"0": "负面", "1": "正面"})
+    table = read_table(str(path))
+    task = build_task(cfg, table)
+    split = prepare_split(task, table, cfg, require_labels=True)
+    assert split.dropped_empty == 1 and len(split.rows) == 2
+    example, _ = Encoder(tokenizer, task, 64).training_example(split.rows[0])
+    label = [t for t, l in zip(example["input_ids"], example["labels"]) if l != IGNORE_INDEX]
+    assert tokenizer.decode(label[:-1]) == "正面" and label[-1] == tokenizer.eos_token_id

@@ -163,3 +163,21 @@ def test_generate_greedy_beam_and_sampling(tiny_models, tmp_path):
     cfg.generate.num_beams, cfg.generate.num_return_sequences = 1, 1
     cfg.generate.do_sample, cfg.generate.top_k, cfg.generate.temperature = True, 5, 1.5
     assert generate(model, tokenizer, prompts, cfg, seed=3) == generate(model, tokenizer, prompts, cfg, seed=3)
+
+
+def test_plain_text_task_trains_and_reports_perplexity(tiny_models, tmp_path):
+    from peft_tuner.config import load_config
+    from peft_tuner.evaluate import evaluate
+
+    text = tmp_path / "train.txt"
+    text.write_text("\n".join(f" the game began development in {2000 + i} , carrying over work ." for i in range(40)))
+    recipe = write_recipe(tmp_path / "recipe.yaml", tiny_models["gpt2"], text, tmp_path / "run",
+                          data={"task": "text", "text_column": "text", "eval_file": str(text), "max_length": 32},
+                          train={"epochs": 3, "batch_size": 4})
+    run(launch_command("python") + [str(recipe)], timeout=200)
+    cfg = load_config(str(recipe))
+    base = evaluate(cfg, tmp_path / "eval_base", quiet=True)
+    tuned = evaluate(cfg, tmp_path / "eval_tuned", adapter_dir=str(tmp_path / "run" / "adapter"), quiet=True)
+    assert base["tokens"] == tuned["tokens"] > 0
+    assert tuned["perplexity"] < base["perplexity"]
+    assert tuned["perplexity"] == pytest.approx(__import__("math").exp(tuned["loss"]))
