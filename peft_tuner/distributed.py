@@ -147,6 +147,22 @@ def gathered(params: list, zero_stage: int):
         yield
 
 
+@contextlib.contextmanager
+def partitioned_loading(ds_config: dict, enabled: bool):
+    """Inside, `from_pretrained` loads weights straight into ZeRO-3 partitions (transformers' HfDeepSpeedConfig hook).
+    The hook is dropped on leaving, so that later single-rank loads (the adapter check on rank 0) load plainly."""
+    if not enabled:
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+
+    hook = HfDeepSpeedConfig(ds_config)  # transformers keeps only a weak reference to it
+    try:
+        yield
+    finally:
+        del hook
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # DeepSpeed config: a JSON file with "auto" values, filled from the recipe
 

@@ -69,7 +69,8 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
 
     # 3. Model and engine.
     torch.manual_seed(cfg.train.seed)
-    model = build_peft_model(load_base_model(cfg.model), cfg.peft, cfg.model, total_steps)
+    with dist.partitioned_loading(ds_config, enabled=stage == 3 and cfg.train.zero3_init):
+        model = build_peft_model(load_base_model(cfg.model), cfg.peft, cfg.model, total_steps)
     trainable, total = count_parameters(model)
     engine = setup_engine(model, ds_config, cfg, total_steps)
     torch.manual_seed(cfg.train.seed + dist.rank())  # dropout differs across ranks, reproducibly
