@@ -101,6 +101,19 @@ def run(args) -> None:
             f.write(json.dumps(record) + "\n")
 
 
+def chosen(args) -> None:
+    """Run, on dev, the cross-validated setting with the best mean CV accuracy (dev labels play no part in the choice)."""
+    records = [json.loads(l) for l in RESULTS.read_text().splitlines() if l.strip()]
+    groups: dict[str, list] = {}
+    for r in records:
+        if "cv_accuracy" in r:
+            groups.setdefault(r["name"], []).append(r)
+    name, rs = max(groups.items(), key=lambda kv: statistics.mean(r["cv_accuracy"] for r in kv[1]))
+    print(f"chosen by CV: {name} ({statistics.mean(r['cv_accuracy'] for r in rs):.3f})", flush=True)
+    run(argparse.Namespace(name=f"chosen:{name.removeprefix('cv-')}", seeds=args.seeds, cv=0, eval=True,
+                           also_generate=False, overrides=rs[0]["overrides"]))
+
+
 def table(_args) -> None:
     records = [json.loads(l) for l in RESULTS.read_text().splitlines() if l.strip()] if RESULTS.is_file() else []
     groups: dict[str, list] = {}
@@ -136,6 +149,9 @@ def main() -> None:
     p.add_argument("--eval", action="store_true", help="train on all 50 rows and score dev.csv")
     p.add_argument("--also-generate", action="store_true", help="also score dev.csv by generation")
     p.set_defaults(run=run)
+    p = sub.add_parser("chosen", help="evaluate on dev the setting with the best CV accuracy")
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    p.set_defaults(run=chosen)
     p = sub.add_parser("table")
     p.set_defaults(run=table)
     argv = sys.argv[1:]
