@@ -130,7 +130,8 @@ def table(_args) -> None:
         return f"{statistics.mean(values):.3f} ± {sd:.3f}"
 
     for name, rs in groups.items():
-        lines.append(f"| {name} | `{' '.join(rs[0]['overrides']) or '(recipe as is)'}` | {', '.join(str(r['seed']) for r in rs)} "
+        overrides = (" ".join(rs[0]["overrides"]) or "(recipe as is)").replace("|", "\\|")  # a pipe would end the cell
+        lines.append(f"| {name} | `{overrides}` | {', '.join(str(r['seed']) for r in rs)} "
                      f"| {stat([r.get('cv_accuracy') for r in rs])} | {stat([r.get('dev_accuracy') for r in rs])} "
                      f"| {stat([r.get('dev_accuracy_generate') for r in rs])} | {stat([r.get('dev_macro_f1') for r in rs])} |")
     doc = ROOT / "docs" / "experiments.md"
