@@ -159,14 +159,6 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
     return cfg
 
 
-def config_from_dict(raw: dict) -> Config:
-    problems: list[str] = []
-    cfg = _build(Config, raw, "", problems)
-    if problems:
-        raise ConfigError("\n  - ".join(["problems with the saved config:"] + problems))
-    return cfg
-
-
 def save_config(cfg: Config, path: Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True))
 

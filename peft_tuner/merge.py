@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 
 from peft_tuner.checkpoint import ADAPTER_CONFIG_FILE, TASK_FILE, replace_dir
-from peft_tuner.config import Config, config_from_dict
+from peft_tuner.config import Config
 from peft_tuner.modeling import DTYPES, load_base_model, load_tokenizer
 
 UNMERGEABLE = {"PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "CPT"}
@@ -19,14 +19,6 @@ PROBE_TEXTS = ["Tweet text : my order never came Label : ", "The weather today i
 
 class MergeError(ValueError):
     """The adapter cannot be merged, or the merge did not reproduce the adapter's outputs."""
-
-
-def read_adapter_run_config(adapter_dir: Path) -> Optional[Config]:
-    """The resolved config saved beside an adapter by training (None for adapters made elsewhere)."""
-    import yaml
-
-    path = Path(adapter_dir) / ADAPTER_CONFIG_FILE
-    return config_from_dict(yaml.safe_load(path.read_text())) if path.is_file() else None
 
 
 def check_mergeable(adapter_dir: Path) -> dict:
