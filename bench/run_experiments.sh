@@ -14,3 +14,6 @@ run cv-chat-yes-no-all-linear --seeds 1 --cv 2 -- $BATCH "$CHAT" "$YESNO" peft.t
 run cv-reference-calibrated --seeds 1 --cv 2 -- $BATCH eval.calibrate=true
 # 2. The PEFT example's recipe through peft_tuner, on dev, 3 seeds (generation as the example does it, and rank).
 run peft-example --seeds 1 2 3 --eval --also-generate -- $BATCH data.max_length=64
+# 3. Added later: the reference prompt without its trailing space, class names as the model writes them (leading space).
+run cv-spaced-label-words --seeds 1 --cv 2 -- $BATCH 'data.prompt_template="Tweet text : {Tweet text} Label :"' \
+  'data.label_words={complaint: " complaint", "no complaint": " no complaint"}'
