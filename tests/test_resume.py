@@ -80,7 +80,7 @@ def test_sigterm_checkpoints_and_exits_cleanly_then_resumes(tiny_models, data_di
                             stderr=subprocess.PIPE, text=True)
     log = tmp_path / "run" / "train_log.jsonl"
     deadline = time.time() + 120
-    while time.time() < deadline and not (log.is_file() and log.read_text().count('"step"') >= 3):
+    while time.time() < deadline and not (log.is_file() and log.read_text().count('"event": "step"') >= 3):
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
