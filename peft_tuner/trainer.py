@@ -149,10 +149,10 @@ def setup_data(cfg: Config, tokenizer) -> TrainData:
     if cfg.data.task == "text":
         if cfg.train.eval_each_epoch:
             raise ConfigError("train.eval_each_epoch: classification tasks only; evaluate a text task with peft-tuner evaluate")
-        texts = [str(r.get(cfg.data.text_column or "text", "")) for r in table.rows[: cfg.data.max_rows]]
-        if (cfg.data.text_column or "text") not in table.columns:
-            raise DataError(f"{table.source}: no column '{cfg.data.text_column or 'text'}' (data.text_column); columns: {', '.join(table.columns)}")
-        examples = pack_text(tokenizer, texts, cfg.data.max_length)
+        column = cfg.data.text_column or "text"
+        if column not in table.columns:
+            raise DataError(f"{table.source}: no column '{column}' (data.text_column); columns: {', '.join(table.columns)}")
+        examples = pack_text(tokenizer, [str(r.get(column, "")) for r in table.rows[: cfg.data.max_rows]], cfg.data.max_length)
         return TrainData(examples=examples, task=None, rows=len(examples))
     task = build_task(cfg.data, table)
     split = prepare_split(task, table, cfg.data, require_labels=True)
