@@ -1,7 +1,8 @@
 """Batch evaluation: rank classification or generation for classification tasks, loss and perplexity for plain text.
 
 Rank classification scores each class name by its log-likelihood after the prompt; the prompt is encoded once and its
-KV cache is shared by every candidate label, so no answer can be invalid and 77 classes stay cheap. Over several
+KV cache is shared by every candidate label, and the candidates go through the model as one token tree (shared prefixes
+fed once), so no answer can be invalid and 77 classes stay cheap. Over several
 processes each takes every world_size-th row and rank 0 gathers them back in order: no row lost or counted twice.
 """
 from __future__ import annotations
@@ -86,22 +87,103 @@ def load_task(cfg: Config, saved_dir: Optional[str]) -> ClassificationTask:
 
 
 def rank_scores(model, encoder: Encoder, rows: list[dict], batch_size: int, share_cache: bool = True, progress=None) -> torch.Tensor:
-    """[rows, classes] summed log-probabilities of each class's tokens (label + EOS) after the prompt."""
+    """[rows, classes] summed log-probabilities of each class's tokens (label + EOS) after the prompt.
+
+    With `share_cache` the prompt is encoded once; then, where the model takes position ids and a custom attention mask,
+    all candidates are scored in one forward as a token tree (class names sharing a prefix share its tokens), else each
+    candidate runs on its own copy of the prompt's cache."""
     candidates = [encoder.label_ids[name] for name in encoder.task.class_names]
     reserve = max(len(c) for c in candidates)
     pad = encoder.tokenizer.pad_token_id
     prompts = [encoder.prompt_ids(row, reserve=reserve)[0] for row in rows]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths together: little padding
+    tree = CandidateTree(candidates) if share_cache and takes_tree_mask(model) else None
+    if tree is not None and len(tree):
+        batch_size = max(1, min(batch_size, LOGITS_BUDGET // (len(tree) * _vocab_size(model))))
     scores = torch.zeros((len(rows), len(candidates)))
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
-        if share_cache:
+        if tree is not None:
+            scores[chunk] = _score_tree(model, [prompts[i] for i in chunk], tree, pad)
+        elif share_cache:
             scores[chunk] = _score_with_shared_cache(model, [prompts[i] for i in chunk], candidates, pad)
         else:
             scores[chunk] = torch.stack([_score_concatenated(model, prompts[i], candidates, pad) for i in chunk])
         if progress is not None:
             progress.update(len(chunk))
     return scores
+
+
+class CandidateTree:
+    """The candidates' tokens as a trie, flattened: one node per distinct prefix that is fed to the model.
+
+    Node n holds token `tokens[n]` at depth `depths[n]` after the prompt and may attend to the prompt and to its own
+    ancestors (`allowed[n]`); its logits score the next token of every candidate passing through it."""
+
+    def __init__(self, candidates: list[list[int]]):
+        index: dict[tuple, int] = {}
+        self.candidates, self.tokens, self.depths, parents, self.paths = candidates, [], [], [], []
+        for c in candidates:
+            path, parent = [], -1
+            for j in range(len(c) - 1):  # the last token is only scored, never fed
+                node = index.setdefault(tuple(c[:j + 1]), len(self.tokens))
+                if node == len(self.tokens):
+                    self.tokens.append(c[j])
+                    self.depths.append(j)
+                    parents.append(parent)
+                path.append(node)
+                parent = node
+            self.paths.append(path)
+        self.allowed = torch.zeros((len(self.tokens), len(self.tokens)), dtype=torch.bool)
+        for n, parent in enumerate(parents):  # parents come before their children
+            if parent >= 0:
+                self.allowed[n] = self.allowed[parent]
+            self.allowed[n, n] = True
+        # (node, next token, candidate) for every scored token after the first
+        self.score_nodes = torch.tensor([n for path in self.paths for n in path], dtype=torch.long)
+        self.score_tokens = torch.tensor([t for c in candidates for t in c[1:]], dtype=torch.long)
+        self.score_owner = torch.tensor([i for i, c in enumerate(candidates) for _ in c[1:]], dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+def takes_tree_mask(model) -> bool:
+    """Tree scoring places each node by its position id, so the model must take position ids (alibi models such as
+    BLOOM do not); transformers passes a 4D attention mask through as given."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "position_ids" in inspect.signature(base.forward).parameters
+
+
+def _vocab_size(model) -> int:
+    return model.get_output_embeddings().weight.shape[0]
+
+
+@torch.no_grad()
+def _score_tree(model, prompts: list[list[int]], tree: CandidateTree, pad: int) -> torch.Tensor:
+    batch = collate([{"input_ids": p} for p in prompts], pad)
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in batch.items()}
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
+                use_cache=True, logits_to_keep=1)
+    first = F.log_softmax(out.logits[:, -1].float(), dim=-1)
+    scores = first[:, [c[0] for c in tree.candidates]].clone()
+    if not len(tree):
+        return scores.cpu()
+    n_prompts, width, nodes = len(prompts), batch["input_ids"].shape[1], len(tree)
+    keep = torch.cat([batch["attention_mask"].bool()[:, None, :].expand(n_prompts, nodes, width),
+                      tree.allowed.to(device)[None].expand(n_prompts, nodes, nodes)], dim=-1)
+    dtype = out.logits.dtype
+    mask = torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill_(~keep, torch.finfo(dtype).min)[:, None]
+    positions = batch["attention_mask"].sum(1)[:, None] + torch.tensor(tree.depths, device=device)[None]
+    out.logits = None
+    logits = model(input_ids=torch.tensor(tree.tokens, device=device)[None].expand(n_prompts, nodes),
+                   attention_mask=mask, position_ids=positions, past_key_values=out.past_key_values, use_cache=True).logits
+    logp = F.log_softmax(logits.float(), dim=-1)[:, tree.score_nodes.to(device), tree.score_tokens.to(device)]
+    scores.index_add_(1, tree.score_owner.to(device), logp)
+    return scores.cpu()
 
 
 @torch.no_grad()

@@ -129,9 +129,12 @@ def run(cmd: list[str], timeout: int = 300, env: dict | None = None, check: bool
     return proc
 
 
+def records(output_dir: Path) -> list[dict]:
+    return [json.loads(l) for l in (output_dir / "train_log.jsonl").read_text().splitlines() if l.strip()]
+
+
 def step_losses(output_dir: Path) -> list[float]:
-    lines = [json.loads(l) for l in (output_dir / "train_log.jsonl").read_text().splitlines() if l.strip()]
-    return [l["loss"] for l in lines if l.get("event") == "step"]
+    return [r["loss"] for r in records(output_dir) if r.get("event") == "step"]
 
 
 def summary(output_dir: Path) -> dict:
@@ -149,7 +152,7 @@ def trained(tmp_path_factory, tiny_models, data_dir):
             out = tmp_path_factory.mktemp(f"{launcher}-z{stage}-{arch}")
             recipe = write_recipe(out / "recipe.yaml", tiny_models[arch], data_dir / "raft", out / "run",
                                   train={"batch_size": batch_size, "epochs": 4})
-            cmd = launch_command(launcher, stage=stage) + [str(recipe), *extra]
+            cmd = launch_command(launcher, stage=stage) + [str(recipe), *(e.format(data=data_dir) for e in extra)]
             if launcher not in ("python", "accelerate"):
                 cmd += ["--deepspeed", ds_file or f"ds_configs/zero{stage}.json"]
             proc = run(cmd, timeout=420)

@@ -9,15 +9,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import step_losses, summary
+from conftest import records, step_losses, summary
 
 # launcher, ZeRO stage, architecture, DeepSpeed file (default zero<stage>.json), overrides: every family and stage is
-# covered across the launchers, and optimizer + parameter offload and gradient checkpointing ride along.
+# covered across the launchers, and optimizer + parameter offload, gradient checkpointing and the accuracy after each epoch
+# (rank classification inside the ZeRO-3 engine) ride along.
 RUNS = [
     ("deepspeed", 2, "gpt2", None, ()),
     ("deepspeed", 3, "llama", None, ()),
     ("torchrun", 2, "bloom", "ds_configs/zero2_offload.json", ()),
-    ("torchrun", 3, "opt", "ds_configs/zero3_offload.json", ()),
+    ("torchrun", 3, "opt", "ds_configs/zero3_offload.json", ("train.eval_each_epoch=true", "data.eval_file={data}/raft")),
     ("mpirun", 2, "llama", None, ("model.gradient_checkpointing=true",)),
     ("mpirun", 3, "gpt2", None, ("model.gradient_checkpointing=true", "train.lr_scheduler=cosine", "train.warmup_ratio=0.2")),
     ("accelerate", 2, "opt", None, ()),
@@ -40,6 +41,9 @@ def test_launcher_trains_and_saves_a_loadable_adapter(trained, tiny_models, laun
     assert (s["world_size"], s["zero_stage"]) == (2, stage)
     assert s["adapter_max_logit_diff"] < 1e-4
     assert proc.stdout.count("peft-tuner train |") == 1  # rank 0 alone reports
+    if "train.eval_each_epoch=true" in extra:
+        evals = [r for r in records(out) if r.get("event") == "eval"]
+        assert [r["epoch"] for r in evals] == [1, 2, 3, 4] and all(0 <= r["accuracy"] <= 1 for r in evals)
 
     saved = load_file(out / "adapter" / "adapter_model.safetensors")
     assert saved and all(t.numel() > 0 for t in saved.values())

@@ -12,7 +12,7 @@ import torch
 from conftest import launch_command, run, write_recipe
 from peft_tuner.config import Config, ModelConfig, PeftSettings
 from peft_tuner.data import Encoder, build_task, read_table
-from peft_tuner.evaluate import classification_metrics, rank_scores, text_to_class
+from peft_tuner.evaluate import CandidateTree, classification_metrics, rank_scores, takes_tree_mask, text_to_class
 from peft_tuner.merge import MergeError, merge
 from peft_tuner.modeling import build_peft_model, load_base_model, load_tokenizer
 
@@ -94,11 +94,14 @@ def test_rank_classification_matches_scoring_each_candidate_alone(tiny_models, d
     model = load_base_model(ModelConfig(name_or_path=str(tiny_models[arch]))).eval()
     tokenizer = load_tokenizer(ModelConfig(name_or_path=str(tiny_models[arch])))
     table = read_table(str(data_dir / "raft"), "train")
-    # three classes whose label texts have different token lengths
-    task = build_task(DataConfig(class_names=["complaint", "no complaint", "neither"],
-                                 label_words={"neither": "something else entirely"}), table)
+    # four classes whose label texts have different token lengths, one the prefix of another
+    task = build_task(DataConfig(class_names=["complaint", "no complaint", "neither", "both"],
+                                 label_words={"neither": "something else entirely", "both": "no complaint at all"}), table)
     encoder = Encoder(tokenizer, task, 64)
     rows = table.rows[:7]
+    tree = CandidateTree([encoder.label_ids[name] for name in task.class_names])
+    assert len(tree) < sum(len(ids) - 1 for ids in encoder.label_ids.values())  # shared prefixes are fed once
+    assert takes_tree_mask(model) == (arch != "bloom")  # alibi: BLOOM keeps a cache copy per candidate
     batched = rank_scores(model, encoder, rows, batch_size=3, share_cache=True)
     alone = torch.zeros_like(batched)
     with torch.no_grad():
