@@ -1,0 +1,257 @@
+"""Many accuracy experiments at once (a GPU machine, or patience): cross-validation on the 50 training rows, dev.csv,
+self-training on the unlabelled tweets, seed ensembles. Run on purpose, never by the tests.
+
+    python bench/sweep.py SPEC.json --results docs/sweep.jsonl --workers 12 [--data DIR] [--deadline SECONDS]
+
+SPEC.json is a list of settings: {"name", "overrides": [...], "seeds": [...], "cv": K (0: none), "dev": true/false,
+"self_train": {"pseudo": N, "rounds": R} (optional)}. Every (setting, seed, fold or dev) is one job: train with
+`python launch/train.py` (same loop as every launcher), score the held-out rows with `peft-tuner evaluate`, append one
+line to --results holding the accuracy and every row's class scores (so that seed ensembles are computed later from the
+file, with no model). Jobs already in --results are skipped: a sweep cut off by --deadline continues where it stopped.
+With self-training, the model trained on the labelled rows labels test_unlabeled.csv; the N most confident rows (split
+over the classes as in the labelled rows) join the labelled rows and a fresh adapter is trained on them, R times.
+`--choose N` then picks, from the CV results alone, the setting to run on dev with N seeds.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPE = ROOT / "configs" / "twitter_complaints_smollm2.yaml"
+FIELDS = ["Tweet text", "Label", "ID"]
+
+
+def read_rows(path: Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def write_rows(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def make_folds(train_csv: Path, k: int, folder: Path) -> list[tuple[Path, Path]]:
+    """K stratified folds of the labelled rows (fixed split, seed 0): (training file without the fold, the fold)."""
+    by_label: dict[str, list] = {}
+    for row in read_rows(train_csv):
+        by_label.setdefault(row["Label"], []).append(row)
+    rng = random.Random(0)
+    assignment = []
+    for rows in by_label.values():
+        rng.shuffle(rows)
+        assignment += [(i % k, r) for i, r in enumerate(rows)]
+    return [(write_rows(folder / f"train_{f}.csv", [r for i, r in assignment if i != f]),
+             write_rows(folder / f"held_{f}.csv", [r for i, r in assignment if i == f])) for f in range(k)]
+
+
+class Sweep:
+    def __init__(self, args):
+        self.data = Path(args.data).resolve()
+        self.work = Path(args.work).resolve()
+        self.results = Path(args.results)
+        self.deadline = time.time() + args.deadline if args.deadline else None
+        self.base = [f"data.train_file={self.data}", f"data.test_file={self.data}",
+                     f"data.eval_file={self.data / 'dev.csv'}", "train.verify_adapter=false", "train.eval_each_epoch=false"]
+
+    def done(self) -> set:
+        if not self.results.is_file():
+            return set()
+        return {(r["name"], r["seed"], r["fold"]) for r in map(json.loads, self.results.read_text().splitlines()) if r}
+
+    def jobs(self, settings: list[dict]) -> list[tuple[dict, int, object]]:
+        done = self.done()
+        out = []
+        for s in settings:
+            for seed in s.get("seeds", [1]):
+                folds = list(range(s.get("cv", 0))) + (["dev"] if s.get("dev") else [])
+                out += [(s, seed, f) for f in folds if (s["name"], seed, f) not in done]
+        return out
+
+    def folds(self, k: int) -> list[tuple[Path, Path]]:
+        folder = self.work / f"folds{k}"
+        if not (folder / f"held_{k - 1}.csv").is_file():
+            make_folds(self.data / "train.csv", k, folder)
+        return [(folder / f"train_{f}.csv", folder / f"held_{f}.csv") for f in range(k)]
+
+    def run(self, settings: list[dict], workers: int) -> None:
+        todo = self.jobs(settings)
+        for k in {s.get("cv", 0) for s in settings} - {0}:
+            self.folds(k)  # written once, before the jobs read them
+        print(f"{len(todo)} jobs, {workers} at a time", flush=True)
+        with ThreadPoolExecutor(workers) as pool:
+            for record in pool.map(lambda job: self.job(*job), todo):
+                if record:
+                    print(json.dumps({k: v for k, v in record.items() if k != "rows"}), flush=True)
+
+    # -- one job ------------------------------------------------------------------------------------------------------
+
+    def job(self, setting: dict, seed: int, fold) -> dict | None:
+        if self.deadline and time.time() > self.deadline:
+            return None
+        started = time.time()
+        name = setting["name"]
+        out = self.work / name.replace(":", "_") / f"seed{seed}-{fold if fold == 'dev' else f'fold{fold}'}"
+        overrides = self.base + list(setting["overrides"]) + [f"train.seed={seed}"]
+        if fold == "dev":
+            train_csv, held = self.data / "train.csv", self.data / "dev.csv"
+        else:
+            train_csv, held = self.folds(setting["cv"])[fold]
+        try:
+            adapter = self.train(overrides, train_csv, out / "round0")
+            pseudo_counts = []
+            st = setting.get("self_train")
+            for r in range(st["rounds"] if st else 0):
+                scored = self.evaluate(overrides, adapter, "test", out / f"round{r}" / "unlabelled")
+                rows, counts = pseudo_label(read_rows(train_csv), scored, self.unlabelled(), st["pseudo"])
+                pseudo_counts.append(counts)
+                mixed = write_rows(out / f"round{r + 1}" / "train.csv", rows)
+                adapter = self.train(overrides, mixed, out / f"round{r + 1}")
+            scored = self.evaluate(overrides + [f"data.eval_file={held}"], adapter, "eval", out / "held")
+        except RuntimeError as error:
+            print(f"FAILED {name} seed {seed} fold {fold}: {error}", flush=True)
+            return None
+        correct = sum(p["prediction"] == p["gold"] for p in scored)
+        record = {"name": name, "seed": seed, "fold": fold, "accuracy": correct / len(scored), "n": len(scored),
+                  "overrides": setting["overrides"], "self_train": setting.get("self_train"), "pseudo": pseudo_counts,
+                  "seconds": round(time.time() - started, 1), "device": os.environ.get("SWEEP_DEVICE", "cpu"),
+                  "rows": [[p["gold"], p["scores"]] for p in scored]}
+        with open(self.results, "a") as f:  # one short write per line: concurrent jobs do not interleave
+            f.write(json.dumps(record) + "\n")
+        return record
+
+    def unlabelled(self) -> dict[str, dict]:
+        return {r["ID"]: r for r in read_rows(self.data / "test_unlabeled.csv")}
+
+    def train(self, overrides: list[str], train_csv: Path, out: Path) -> Path:
+        cmd = [sys.executable, str(ROOT / "launch" / "train.py"), str(RECIPE), *overrides, f"data.train_file={train_csv}",
+               f"output_dir={out / 'run'}", "--overwrite"]
+        self.call(cmd, out / "train.log")
+        return out / "run" / "adapter"
+
+    def evaluate(self, overrides: list[str], adapter: Path, split: str, out: Path) -> list[dict]:
+        cmd = [sys.executable, "-m", "peft_tuner.cli", "evaluate", str(RECIPE), *overrides, "--adapter", str(adapter),
+               "--split", split, "--out", str(out)]
+        self.call(cmd, out.parent / f"{out.name}.log")
+        return [json.loads(line) for line in (out / f"predictions_{split}.jsonl").read_text().splitlines() if line]
+
+    @staticmethod
+    def call(cmd: list[str], log: Path) -> None:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "w") as f:
+            proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        if proc.returncode != 0:
+            raise RuntimeError(f"exit {proc.returncode}: {log}\n" + log.read_text()[-1500:])
+
+
+def pseudo_label(labelled: list[dict], scored: list[dict], unlabelled: dict[str, dict], n: int) -> tuple[list[dict], dict]:
+    """The labelled rows plus n unlabelled rows, split over the classes as the labelled rows are: for each class the
+    rows with the highest probability of that class (normalised over the classes), each row taken once."""
+    share = {c: sum(r["Label"] == c for r in labelled) / len(labelled) for c in dict.fromkeys(r["Label"] for r in labelled)}
+    taken, rows, counts = set(), list(labelled), {}
+    for c, fraction in sorted(share.items(), key=lambda kv: kv[1]):  # the rarer class picks first
+        def confidence(p):
+            return p["scores"][c] - math.log(sum(math.exp(v) for v in p["scores"].values()))
+
+        best = [p for p in sorted(scored, key=confidence, reverse=True) if p["id"] not in taken][: round(n * fraction)]
+        taken.update(p["id"] for p in best)
+        counts[c] = len(best)
+        rows += [{**unlabelled[str(p["id"])], "Label": c, "ID": f"u{p['id']}"} for p in best]
+    return rows, counts
+
+
+# -- reading the results ------------------------------------------------------------------------------------------------
+
+
+def load(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def ensemble_accuracy(records: list[dict]) -> float:
+    """Average each class's normalised log-probability over the records (same rows, other seeds), then argmax."""
+    correct = 0
+    for rows in zip(*(r["rows"] for r in records)):
+        total: dict[str, float] = {}
+        for gold, scores in rows:
+            norm = math.log(sum(math.exp(v) for v in scores.values()))
+            for c, v in scores.items():
+                total[c] = total.get(c, 0.0) + v - norm
+        correct += max(total, key=total.get) == rows[0][0]
+    return correct / len(records[0]["rows"])
+
+
+def summarise(records: list[dict]) -> dict[str, dict]:
+    """Per setting: CV accuracy (mean over seeds of the pooled held-out accuracy), CV accuracy of the seed ensemble,
+    dev accuracy per seed, dev accuracy of the seed ensemble."""
+    out: dict[str, dict] = {}
+    for name in dict.fromkeys(r["name"] for r in records):
+        mine = [r for r in records if r["name"] == name]
+        cv = [r for r in mine if r["fold"] != "dev"]
+        seeds = sorted({r["seed"] for r in cv})
+        folds = sorted({r["fold"] for r in cv})
+        entry = {"overrides": mine[0]["overrides"], "self_train": mine[0].get("self_train")}
+        complete = [s for s in seeds if all(any(r["seed"] == s and r["fold"] == f for r in cv) for f in folds)]
+        if complete:
+            per_seed = [sum(r["accuracy"] * r["n"] for r in cv if r["seed"] == s) / sum(r["n"] for r in cv if r["seed"] == s)
+                        for s in complete]
+            entry["cv"] = per_seed
+            if len(complete) > 1:
+                hits = sum(ensemble_accuracy([r for r in cv if r["fold"] == f and r["seed"] in complete]) *
+                           next(r["n"] for r in cv if r["fold"] == f) for f in folds)
+                entry["cv_ensemble"] = hits / sum(next(r["n"] for r in cv if r["fold"] == f) for f in folds)
+        dev = sorted((r for r in mine if r["fold"] == "dev"), key=lambda r: r["seed"])
+        if dev:
+            entry["dev"] = {r["seed"]: r["accuracy"] for r in dev}
+            if len(dev) > 1:
+                entry["dev_ensemble"] = ensemble_accuracy(dev)
+        out[name] = entry
+    return out
+
+
+def choose(summary: dict[str, dict]) -> str:
+    """The setting (one model, as a recipe runs it) with the best mean CV accuracy over seeds. Dev plays no part."""
+    return max((statistics.mean(e["cv"]), name) for name, e in summary.items() if e.get("cv"))[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("spec", nargs="?", help="JSON list of settings")
+    parser.add_argument("--results", default=str(ROOT / "docs" / "sweep.jsonl"))
+    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "raft" / "twitter_complaints"))
+    parser.add_argument("--work", default=str(ROOT / "outputs" / "sweep"))
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--deadline", type=float, help="start no job after this many seconds")
+    parser.add_argument("--choose", type=int, metavar="SEEDS", help="then run on dev the CV-best setting with this many seeds")
+    parser.add_argument("--summary", action="store_true", help="print the summary of --results and stop")
+    args = parser.parse_args()
+    sweep = Sweep(args)
+    settings = json.loads(Path(args.spec).read_text()) if args.spec else []
+    if not args.summary:
+        sweep.run(settings, args.workers)
+    if args.choose and not args.summary:
+        name = choose(summarise(load(sweep.results)))
+        setting = next(s for s in settings if s["name"] == name)
+        print(f"chosen by CV: {name}", flush=True)
+        sweep.run([{**setting, "name": f"chosen:{name}", "cv": 0, "dev": True, "seeds": list(range(1, args.choose + 1))}],
+                  args.workers)
+    if sweep.results.is_file():
+        print(json.dumps(summarise(load(sweep.results)), indent=1))
+
+
+if __name__ == "__main__":
+    main()
