@@ -16,9 +16,9 @@ RECIPE=configs/twitter_complaints_smollm2.yaml
 COMMON=(model.name_or_path="$OUT/tiny" data.train_file="$DATA" data.eval_file="$DATA/dev.csv" data.test_file="$DATA"
         train.epochs=2 train.learning_rate=1e-2 train.eval_each_epoch=true --overwrite)
 $PY launch/train.py $RECIPE "${COMMON[@]}" output_dir="$OUT/python" | grep "done |"
-$BIN/deepspeed --num_gpus 1 launch/train.py $RECIPE "${COMMON[@]}" output_dir="$OUT/ds_zero2_bf16" model.dtype=bf16 \
+${DEEPSPEED:-$BIN/deepspeed} --num_gpus 1 launch/train.py $RECIPE "${COMMON[@]}" output_dir="$OUT/ds_zero2_bf16" model.dtype=bf16 \
   --deepspeed ds_configs/zero2.json 2>&1 | grep "done |"
-$BIN/torchrun --nproc_per_node 1 launch/train.py $RECIPE "${COMMON[@]}" output_dir="$OUT/torchrun_zero3" \
+${TORCHRUN:-$BIN/torchrun} --nproc_per_node 1 launch/train.py $RECIPE "${COMMON[@]}" output_dir="$OUT/torchrun_zero3" \
   --deepspeed ds_configs/zero3.json 2>&1 | grep "done |"
 $PY -m peft_tuner.cli evaluate $RECIPE "${COMMON[@]:0:4}" --adapter "$OUT/torchrun_zero3/adapter" --out "$OUT/eval" | grep "evaluate |"
 $PY -m peft_tuner.cli merge $RECIPE "${COMMON[@]:0:4}" --adapter "$OUT/torchrun_zero3/adapter" --out "$OUT/merged" | tail -1
