@@ -64,8 +64,12 @@ def init_distributed() -> str:
     """Bring up the process group, whatever launched us; returns the launcher's name."""
     use_cpu_accelerator_if_no_gpu()
     launcher = detect_launcher()
-    if launcher == "python":  # one process, no launcher: a process group of one
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    if launcher == "python" and not torch.distributed.is_initialized():
+        # One process, no launcher: a group of one over an in-memory store. (A free TCP port, picked then bound, was
+        # taken by another job in between when 15 single-process runs started at once.)
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
+                                             store=torch.distributed.HashStore(), rank=0, world_size=1)
     import deepspeed
 
     if not torch.distributed.is_initialized():
