@@ -228,6 +228,30 @@ def choose(summary: dict[str, dict]) -> str:
     return max((statistics.mean(e["cv"]), name) for name, e in summary.items() if e.get("cv"))[1]
 
 
+def markdown(summary: dict[str, dict]) -> str:
+    """The summary as a table for docs/experiments.md."""
+    def stat(values) -> str:
+        values = list(values or [])
+        if not values:
+            return "-"
+        sd = statistics.stdev(values) if len(values) > 1 else 0.0
+        return f"{statistics.mean(values):.3f} ± {sd:.3f} ({len(values)})"
+
+    def number(value) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
+    lines = ["| setting | overrides of the recipe as it was before this sweep | self-training | 5-fold CV on train: "
+             "mean ± sd (seeds) | CV, seed ensemble | dev: mean ± sd (seeds) | dev, seed ensemble |",
+             "|---|---|---|---|---|---|---|"]
+    for name, e in summary.items():
+        overrides = (" ".join(e["overrides"]) or "(as is)").replace("|", "\\|")
+        st = e.get("self_train")
+        self_train = f"{st['pseudo']} rows, {st['rounds']} round(s)" if st else "-"
+        lines.append(f"| {name} | `{overrides}` | {self_train} | {stat(e.get('cv'))} | {number(e.get('cv_ensemble'))} "
+                     f"| {stat((e.get('dev') or {}).values())} | {number(e.get('dev_ensemble'))} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("spec", nargs="?", help="JSON list of settings")
@@ -238,8 +262,12 @@ def main() -> None:
     parser.add_argument("--deadline", type=float, help="start no job after this many seconds")
     parser.add_argument("--choose", type=int, metavar="SEEDS", help="then run on dev the CV-best setting with this many seeds")
     parser.add_argument("--summary", action="store_true", help="print the summary of --results and stop")
+    parser.add_argument("--markdown", action="store_true", help="print the summary as a markdown table and stop")
     args = parser.parse_args()
     sweep = Sweep(args)
+    if args.markdown:
+        print(markdown(summarise(load(sweep.results))))
+        return
     settings = json.loads(Path(args.spec).read_text()) if args.spec else []
     if not args.summary:
         sweep.run(settings, args.workers)
