@@ -10,7 +10,7 @@ export OMP_NUM_THREADS=1
 RECIPE=configs/twitter_complaints_smollm2.yaml
 # 1. One training job per ZeRO stage: SmolLM2-135M, LoRA r=8 q,v, 2 processes x 4 sequences, 2 epochs (14 steps).
 for stage in 2 3; do
-  .venv/bin/deepspeed --num_accelerators 2 --master_port 2950$stage launch/train.py $RECIPE --deepspeed ds_configs/zero$stage.json \
+  .venv/bin/deepspeed --num_accelerators 2 --master_port 2950$stage launch/train.py $RECIPE --deepspeed ds_configs/zero$stage.json 'peft.target_modules=[q_proj, v_proj]' \
     train.epochs=2 output_dir=$OUT/zero$stage --overwrite > $OUT/zero$stage.log 2>&1
 done
 # 2. Evaluation speed on the same 300 dev rows: rank classification and generation (bf16, 1 process, 2 threads).

@@ -24,8 +24,8 @@ from peft_tuner import distributed as dist
 from peft_tuner.config import Config, ConfigError, save_config
 from peft_tuner.data import (IGNORE_INDEX, DataError, Encoder, build_task, collate, encode_training_rows, pack_text,
                              prepare_split, read_table)
-from peft_tuner.modeling import (build_peft_model, check_peft_applies, count_parameters, load_base_model, load_tokenizer, load_trained_model,
-                                 uses_position_ids)
+from peft_tuner.modeling import (DTYPES, build_peft_model, check_peft_applies, count_parameters, load_base_model,
+                                 load_tokenizer, load_trained_model, uses_position_ids)
 
 
 class TrainingStopped(RuntimeError):
@@ -313,12 +313,22 @@ def accuracy_during_training(engine, cfg: Config, data: TrainData) -> float:
     indices = range(rank * per_rank, (rank + 1) * per_rank)
     mine = [rows[min(i, len(rows) - 1)] for i in indices]
     engine.eval()
-    scores = rank_scores(engine.module, data.encoder, mine, cfg.eval.batch_size, share_cache=uses_position_ids(cfg.peft.method))
+    with eval_autocast(cfg):
+        scores = rank_scores(engine.module, data.encoder, mine, cfg.eval.batch_size, share_cache=uses_position_ids(cfg.peft.method))
     engine.train()
     names, label = data.encoder.task.class_names, data.encoder.task.label_column
     correct = sum(names[int(s.argmax())] == row[label] for i, s, row in zip(indices, scores, mine) if i < len(rows))
     (total_correct,) = dist.all_reduce([float(correct)])
     return total_correct / len(rows)
+
+
+def eval_autocast(cfg: Config):
+    """Evaluation in eval.dtype (bf16 / fp16) while the weights train in fp32: autocast, as evaluate does with a copy."""
+    import contextlib
+
+    if cfg.eval.dtype in ("bf16", "fp16") and cfg.model.dtype == "fp32":
+        return torch.autocast(dist.device().type, dtype=DTYPES[cfg.eval.dtype])
+    return contextlib.nullcontext()
 
 
 def token_loss_sum(engine, batch: dict, pass_positions: bool) -> torch.Tensor:
