@@ -66,6 +66,7 @@ class Sweep:
         self.work = Path(args.work).resolve()
         self.results = Path(args.results)
         self.deadline = time.time() + args.deadline if args.deadline else None
+        self.workers = args.workers
         self.base = [f"data.train_file={self.data}", f"data.test_file={self.data}",
                      f"data.eval_file={self.data / 'dev.csv'}", "train.verify_adapter=false", "train.eval_each_epoch=false"]
 
@@ -150,11 +151,11 @@ class Sweep:
         self.call(cmd, out.parent / f"{out.name}.log")
         return [json.loads(line) for line in (out / f"predictions_{split}.jsonl").read_text().splitlines() if line]
 
-    @staticmethod
-    def call(cmd: list[str], log: Path) -> None:
+    def call(self, cmd: list[str], log: Path) -> None:
         log.parent.mkdir(parents=True, exist_ok=True)
+        threads = str(max(1, (os.cpu_count() or 1) // self.workers))  # the cores shared out between the jobs
         with open(log, "w") as f:
-            proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": threads})
         if proc.returncode != 0:
             raise RuntimeError(f"exit {proc.returncode}: {log}\n" + log.read_text()[-1500:])
 

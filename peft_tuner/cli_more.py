@@ -21,7 +21,7 @@ def register(sub) -> None:
 
     p = sub.add_parser("evaluate", help="batch evaluation: rank classification or generation; metrics and predictions")
     p.add_argument("items", nargs="*", help="[RECIPE.yaml] [section.key=value ...]")
-    _add_model_flags(p)
+    _add_model_flags(p, ensemble=True)
     p.add_argument("--split", default="eval", choices=["eval", "test"], help="data.eval_file or data.test_file")
     p.add_argument("--method", choices=["rank", "generate"], help="default: eval.method")
     p.add_argument("--out", help="where predictions and metrics go (default: output_dir/eval)")
@@ -40,8 +40,12 @@ def register(sub) -> None:
     prepare.register(sub)
 
 
-def _add_model_flags(p) -> None:
-    p.add_argument("--adapter", help="adapter folder, on the base model of its saved config")
+def _add_model_flags(p, ensemble: bool = False) -> None:
+    if ensemble:
+        p.add_argument("--adapter", action="append", help="adapter folder, on the base model of its saved config; "
+                       "repeat it to score several adapters (other seeds, say) as one ensemble")
+    else:
+        p.add_argument("--adapter", help="adapter folder, on the base model of its saved config")
     p.add_argument("--model", help="merged (standalone) model folder")
     p.add_argument("--base", help="base model instead of the configured one")
 
@@ -62,7 +66,8 @@ def config_for(args):
         raise ConfigError(f"give one recipe, not {recipes}")
     if recipes:
         return load_config(recipes[0], overrides)
-    saved_dir = getattr(args, "adapter", None) or getattr(args, "model", None)
+    adapter = getattr(args, "adapter", None)
+    saved_dir = (adapter[0] if isinstance(adapter, list) else adapter) or getattr(args, "model", None)
     saved = Path(saved_dir) / ADAPTER_CONFIG_FILE if saved_dir else None
     if saved is None or not saved.is_file():
         raise ConfigError("no recipe given and no saved config beside the model; pass RECIPE.yaml")

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from peft_tuner.config import PROMPT_LEARNING_METHODS, Config
+from peft_tuner.config import PROMPT_LEARNING_METHODS, Config, ConfigError
 from peft_tuner.data import ClassificationTask, DataError, Encoder, build_task, collate, pack_text, prepare_split, read_table
 from peft_tuner.modeling import DTYPES, ModelError, load_base_model, load_tokenizer
 
@@ -327,11 +327,23 @@ def format_report(metrics: dict) -> str:
 
 
 def evaluate(cfg: Config, out_dir: str | Path, split: str = "eval", model_dir: Optional[str] = None,
-             adapter_dir: Optional[str] = None, method: Optional[str] = None, quiet: bool = False) -> dict:
-    """Evaluate on data.eval_file (split=eval) or data.test_file (split=test); write predictions, metrics, submission."""
+             adapter_dir: Optional[str | list[str]] = None, method: Optional[str] = None, quiet: bool = False) -> dict:
+    """Evaluate on data.eval_file (split=eval) or data.test_file (split=test); write predictions, metrics, submission.
+
+    Several adapters (a list) are scored as one ensemble: each class's log-probability, normalised over the classes,
+    averaged over the adapters (rank classification only)."""
     from peft_tuner import distributed as dist
 
     method = method or cfg.eval.method
+    members = list(adapter_dir) if isinstance(adapter_dir, (list, tuple)) else [adapter_dir]
+    adapter_dir = members[0]
+    if len(members) > 1:
+        if method != "rank" or model_dir:
+            raise ConfigError(f"--adapter given {len(members)} times: an ensemble of adapters is scored by rank "
+                              "classification (--method rank), without --model")
+        for member in members:
+            if not any((Path(member) / name).is_file() for name in ("adapter_config.json", "config.json")):
+                raise ModelError(f"--adapter {member}: no adapter_config.json there")
     spec = cfg.data.eval_file if split == "eval" else cfg.data.test_file
     if not spec:
         raise DataError(f"data.{split}_file: not set; nothing to evaluate")
@@ -339,6 +351,10 @@ def evaluate(cfg: Config, out_dir: str | Path, split: str = "eval", model_dir: O
     if cfg.data.task == "text":
         return evaluate_text(cfg, table, out_dir, model_dir, adapter_dir, quiet)
     task = load_task(cfg, adapter_dir or model_dir)
+    for other in members[1:]:
+        if load_task(cfg, other).class_names != task.class_names:
+            raise ConfigError(f"--adapter {other}: its classes {load_task(cfg, other).class_names} differ from "
+                              f"{task.class_names} of --adapter {adapter_dir}; an ensemble needs the same classes")
     rows = prepare_split(task, table, cfg.data, require_labels=False).rows
     labelled = all(r.get(task.label_column) is not None for r in rows) and task.label_column in table.columns
 
@@ -346,25 +362,34 @@ def evaluate(cfg: Config, out_dir: str | Path, split: str = "eval", model_dir: O
     if dist.detect_launcher() != "python":
         dist.init_distributed()
         world = dist.world_size()
-    model, tokenizer, model_kind = load_for_inference(cfg, model_dir, adapter_dir)
-    model.to(dist.device())
-    encoder = Encoder(tokenizer, task, cfg.data.max_length)
     mine = list(range(dist.rank(), len(rows), world))
     progress = None
     if dist.is_main() and not quiet:
         from tqdm.auto import tqdm
 
-        progress = tqdm(total=len(mine), desc=f"evaluate ({method}, rank 0 of {world})", dynamic_ncols=True)
+        progress = tqdm(total=len(mine) * len(members), desc=f"evaluate ({method}, rank 0 of {world})", dynamic_ncols=True)
     started = time.time()
     my_rows = [rows[i] for i in mine]
     if method == "rank":
-        scores = rank_scores(model, encoder, my_rows, cfg.eval.batch_size, share_cache=not _is_prompt_learning(model),
-                             progress=progress)
-        if cfg.eval.calibrate:
-            scores = scores - content_free_prior(model, encoder)
+        scores = torch.zeros((len(my_rows), len(task.class_names)))
+        for member in members:
+            model, tokenizer, model_kind = load_for_inference(cfg, model_dir, member)
+            model.to(dist.device())
+            encoder = Encoder(tokenizer, task, cfg.data.max_length)
+            member_scores = rank_scores(model, encoder, my_rows, cfg.eval.batch_size,
+                                        share_cache=not _is_prompt_learning(model), progress=progress)
+            if cfg.eval.calibrate:
+                member_scores = member_scores - content_free_prior(model, encoder)
+            scores += member_scores.log_softmax(-1) / len(members) if len(members) > 1 else member_scores
+            del model
+        if len(members) > 1:
+            model_kind = f"ensemble of {len(members)} {model_kind} adapters"
         results = [{"prediction": task.class_names[int(s.argmax())], "scores": dict(zip(task.class_names, s.tolist()))}
                    for s in scores]
     else:
+        model, tokenizer, model_kind = load_for_inference(cfg, model_dir, adapter_dir)
+        model.to(dist.device())
+        encoder = Encoder(tokenizer, task, cfg.data.max_length)
         texts = generate_labels(model, encoder, my_rows, cfg, progress=progress)
         results = [{"prediction": text_to_class(t, task.label_words), "output": t} for t in texts]
     elapsed = time.time() - started

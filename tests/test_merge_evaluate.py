@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import launch_command, run, write_recipe
-from peft_tuner.config import Config, ModelConfig, PeftSettings
+from peft_tuner.config import Config, ConfigError, ModelConfig, PeftSettings
 from peft_tuner.data import Encoder, build_task, read_table
 from peft_tuner.evaluate import CandidateTree, classification_metrics, rank_scores, takes_tree_mask, text_to_class
 from peft_tuner.merge import MergeError, merge
@@ -19,9 +19,9 @@ from peft_tuner.modeling import build_peft_model, load_base_model, load_tokenize
 VARIANTS = {"lora": {}, "dora": {"use_dora": True}, "rslora": {"use_rslora": True}}
 
 
-def make_adapter(model_path, out_dir, method="lora", **settings):
+def make_adapter(model_path, out_dir, method="lora", seed=0, **settings):
     """An adapter whose weights are not the identity (LoRA B is zero at init), saved as training would."""
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model_cfg = ModelConfig(name_or_path=str(model_path))
     model = build_peft_model(load_base_model(model_cfg), PeftSettings(method=method, r=4, num_virtual_tokens=4, **settings),
                              model_cfg, total_steps=10)
@@ -184,3 +184,27 @@ def test_plain_text_task_trains_and_reports_perplexity(tiny_models, tmp_path):
     assert base["tokens"] == tuned["tokens"] > 0
     assert tuned["perplexity"] < base["perplexity"]
     assert tuned["perplexity"] == pytest.approx(__import__("math").exp(tuned["loss"]))
+
+
+def test_several_adapters_are_scored_as_one_ensemble(tiny_models, tmp_path, data_dir):
+    from peft_tuner.evaluate import evaluate
+
+    cfg = Config(model=ModelConfig(name_or_path=str(tiny_models["llama"])))
+    cfg.data.train_file, cfg.data.eval_file = str(data_dir / "raft"), str(data_dir / "raft")
+    members, alone = [], []
+    for seed in (1, 2):
+        make_adapter(tiny_models["llama"], tmp_path / f"seed{seed}", seed=seed)
+        members.append(str(tmp_path / f"seed{seed}"))
+        evaluate(cfg, tmp_path / f"alone{seed}", adapter_dir=members[-1], quiet=True)
+        alone.append([json.loads(l)["scores"] for l in (tmp_path / f"alone{seed}" / "predictions_eval.jsonl").open()])
+    result = evaluate(cfg, tmp_path / "ensemble", adapter_dir=members, quiet=True)
+    assert result["model"] == "ensemble of 2 lora adapters" and result["n"] == 8
+    rows = [json.loads(l) for l in (tmp_path / "ensemble" / "predictions_eval.jsonl").open()]
+    for row, first, second in zip(rows, *alone):
+        # each member's class log-probabilities, normalised over the classes, averaged
+        expected = (torch.tensor(list(first.values())).log_softmax(0) + torch.tensor(list(second.values())).log_softmax(0)) / 2
+        torch.testing.assert_close(torch.tensor(list(row["scores"].values())), expected, atol=1e-5, rtol=1e-5)
+        assert row["prediction"] == list(first)[int(expected.argmax())]
+    assert alone[0] != alone[1]  # two different members
+    with pytest.raises(ConfigError, match="an ensemble of adapters is scored by rank classification"):
+        evaluate(cfg, tmp_path / "generate", adapter_dir=members, method="generate", quiet=True)
