@@ -60,9 +60,25 @@ def use_cpu_accelerator_if_no_gpu() -> None:
         os.environ["DS_ACCELERATOR"] = "cpu"
 
 
+def stale_build_locks(max_age_s: float = 600) -> list[str]:
+    """Lock files of torch extension builds (DeepSpeed JIT-builds its ops on the CPU) older than max_age_s. A process
+    killed while building leaves its lock, and every later run then waits on it without a word."""
+    import time
+
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    now = time.time()
+    return [str(lock) for pattern in ("*/lock", "*/*/lock") for lock in root.glob(pattern)
+            if now - lock.stat().st_mtime > max_age_s]
+
+
 def init_distributed() -> str:
     """Bring up the process group, whatever launched us; returns the launcher's name."""
     use_cpu_accelerator_if_no_gpu()
+    for lock in stale_build_locks():
+        print(f"peft-tuner: warning: {lock} is over 10 minutes old. An op build that was killed midway leaves it, and "
+              "this run would wait on it for ever: if no other build is running, delete it.", flush=True)
     launcher = detect_launcher()
     if launcher == "python" and not torch.distributed.is_initialized():
         # One process, no launcher: a group of one over an in-memory store. (A free TCP port, picked then bound, was

@@ -3,6 +3,7 @@ adapter as a run never interrupted (1 process, and 2 processes under ZeRO-2 and 
 cleanly; a changed config is refused; a non-finite loss stops before touching the weights."""
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import time
@@ -104,3 +105,17 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_models, d
     assert pointer in proc.stderr and not (tmp_path / "run" / "adapter").exists()
     saved = yaml.safe_load((tmp_path / "run" / "run_config.yaml").read_text())
     assert saved["train"]["learning_rate"] == 1e30
+
+
+def test_a_lock_left_by_a_killed_op_build_is_named(tmp_path, monkeypatch):
+    """DeepSpeed JIT-builds its CPU ops under a lock file; a run killed midway leaves it and the next run would wait
+    for ever. init_distributed names such a lock (over 10 minutes old) so that the user can delete it."""
+    from peft_tuner.distributed import stale_build_locks
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    stale, fresh = tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "lock", tmp_path / "py311_cpu" / "cpu_adam" / "lock"
+    for lock in (stale, fresh):
+        lock.parent.mkdir(parents=True)
+        lock.touch()
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
+    assert stale_build_locks() == [str(stale)]
