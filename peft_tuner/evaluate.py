@@ -35,7 +35,8 @@ def load_for_inference(cfg: Config, model_dir: Optional[str] = None, adapter_dir
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dtype = cfg.eval.dtype or cfg.model.dtype
-    if adapter_dir and not (Path(adapter_dir) / "adapter_config.json").is_file() and (Path(adapter_dir) / "config.json").is_file():
+    if adapter_dir and not (Path(adapter_dir) / "adapter_config.json").is_file() \
+            and (Path(adapter_dir) / "config.json").is_file():
         model_dir, adapter_dir = adapter_dir, None  # method=full saves the whole model where the adapter would be
     if adapter_dir:
         from peft import PeftModel
