@@ -4,17 +4,11 @@ over the classes) across seeds, then take the best class. No training, no model:
     python bench/ensemble.py outputs/experiments/peft-example/seed{1,2,3}/eval/predictions_eval.jsonl
 """
 import json
-import math
 import sys
+from pathlib import Path
 
-runs = [[json.loads(line) for line in open(path)] for path in sys.argv[1:]]
-classes = list(runs[0][0]["scores"])
-correct = 0
-for rows in zip(*runs):
-    total = {c: 0.0 for c in classes}
-    for row in rows:
-        norm = math.log(sum(math.exp(v) for v in row["scores"].values()))
-        for c in classes:
-            total[c] += row["scores"][c] - norm
-    correct += max(total, key=total.get) == rows[0]["gold"]
-print(json.dumps({"members": sys.argv[1:], "rows": len(runs[0]), "accuracy": correct / len(runs[0])}))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sweep import ensemble_accuracy  # noqa: E402
+
+runs = [{"rows": [[p["gold"], p["scores"]] for p in map(json.loads, open(path)) if p]} for path in sys.argv[1:]]
+print(json.dumps({"members": sys.argv[1:], "rows": len(runs[0]["rows"]), "accuracy": ensemble_accuracy(runs)}))

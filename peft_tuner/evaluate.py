@@ -353,9 +353,10 @@ def evaluate(cfg: Config, out_dir: str | Path, split: str = "eval", model_dir: O
         return evaluate_text(cfg, table, out_dir, model_dir, adapter_dir, quiet)
     task = load_task(cfg, adapter_dir or model_dir)
     for other in members[1:]:
-        if load_task(cfg, other).class_names != task.class_names:
-            raise ConfigError(f"--adapter {other}: its classes {load_task(cfg, other).class_names} differ from "
-                              f"{task.class_names} of --adapter {adapter_dir}; an ensemble needs the same classes")
+        classes = load_task(cfg, other).class_names
+        if classes != task.class_names:
+            raise ConfigError(f"--adapter {other}: its classes {classes} differ from {task.class_names} of "
+                              f"--adapter {adapter_dir}; an ensemble needs the same classes")
     rows = prepare_split(task, table, cfg.data, require_labels=False).rows
     labelled = all(r.get(task.label_column) is not None for r in rows) and task.label_column in table.columns
 
