@@ -4,6 +4,7 @@ Knows nothing of distribution: the engine partitions what this returns.
 """
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Optional
@@ -191,6 +192,23 @@ def build_peft_model(model, settings: PeftSettings, model_cfg: ModelConfig, tota
         return peft.get_peft_model(model, config)
     except (ValueError, TypeError, NotImplementedError) as e:
         raise ModelError(f"peft.method={settings.method} does not apply to this {model.config.model_type} model: {e}") from e
+
+
+def add_neftune_noise(model, alpha: float):
+    """NEFTune (Jain et al. 2023): while the model trains, add uniform noise in [-m, m] to the input embeddings, with
+    m = alpha / sqrt(sequence length * hidden size). Evaluation (model.eval()) sees clean embeddings. The noise comes from
+    torch's generator, which checkpoints save and restore, so a resumed run draws the same noise. Returns the hook's
+    handle (None when alpha is 0)."""
+    if alpha <= 0:
+        return None
+
+    def noise(module, inputs, output):
+        if not module.training:
+            return output
+        magnitude = alpha / math.sqrt(output.shape[-2] * output.shape[-1])
+        return output + torch.empty_like(output).uniform_(-magnitude, magnitude)
+
+    return model.get_input_embeddings().register_forward_hook(noise)
 
 
 def uses_position_ids(method: str) -> bool:

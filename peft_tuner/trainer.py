@@ -24,8 +24,8 @@ from peft_tuner import distributed as dist
 from peft_tuner.config import Config, ConfigError, save_config
 from peft_tuner.data import (IGNORE_INDEX, DataError, Encoder, build_task, collate, encode_training_rows, pack_text,
                              prepare_split, read_table)
-from peft_tuner.modeling import (DTYPES, build_peft_model, check_peft_applies, count_parameters, load_base_model,
-                                 load_tokenizer, load_trained_model, uses_position_ids)
+from peft_tuner.modeling import (DTYPES, add_neftune_noise, build_peft_model, check_peft_applies, count_parameters,
+                                 load_base_model, load_tokenizer, load_trained_model, uses_position_ids)
 
 
 class TrainingStopped(RuntimeError):
@@ -71,6 +71,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
     torch.manual_seed(cfg.train.seed)
     with dist.partitioned_loading(ds_config, enabled=stage == 3 and cfg.train.zero3_init):
         model = build_peft_model(load_base_model(cfg.model), cfg.peft, cfg.model, total_steps)
+    add_neftune_noise(model, cfg.train.neftune_alpha)
     trainable, total = count_parameters(model)
     engine = setup_engine(model, ds_config, cfg, total_steps)
     torch.manual_seed(cfg.train.seed + dist.rank())  # dropout differs across ranks, reproducibly

@@ -13,7 +13,7 @@ from conftest import records, step_losses, summary
 
 # launcher, ZeRO stage, architecture, DeepSpeed file (default zero<stage>.json), overrides: every family and stage is
 # covered across the launchers, and optimizer + parameter offload, gradient checkpointing and the accuracy after each epoch
-# (rank classification inside the ZeRO-3 engine) ride along.
+# (rank classification inside the ZeRO-3 engine) and NEFTune noise ride along.
 RUNS = [
     ("deepspeed", 2, "gpt2", None, ()),
     ("deepspeed", 3, "llama", None, ()),
@@ -21,7 +21,7 @@ RUNS = [
     ("torchrun", 3, "opt", "ds_configs/zero3_offload.json", ("train.eval_each_epoch=true", "data.eval_file={data}/raft")),
     ("mpirun", 2, "llama", None, ("model.gradient_checkpointing=true",)),
     ("mpirun", 3, "gpt2", None, ("model.gradient_checkpointing=true", "train.lr_scheduler=cosine", "train.warmup_ratio=0.2")),
-    ("accelerate", 2, "opt", None, ()),
+    ("accelerate", 2, "opt", None, ("train.neftune_alpha=5",)),
     ("accelerate", 3, "bloom", None, ()),
 ]
 LOSS_TOLERANCE = 1e-4  # 1 process vs 2 under ZeRO-3, same seed and global batch: fp32 reduction order only (seen: 1e-5)

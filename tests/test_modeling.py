@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from peft_tuner.config import PEFT_METHODS, ModelConfig, PeftSettings
-from peft_tuner.modeling import (ModelError, build_peft_model, count_parameters, load_base_model, resolve_model_source,
+from peft_tuner.modeling import (ModelError, add_neftune_noise, build_peft_model, count_parameters, load_base_model, resolve_model_source,
                                  resolve_target_modules)
 
 
@@ -44,6 +44,28 @@ def test_every_method_builds_and_learns(tiny_models, method):
         optimizer.zero_grad()
         losses.append(float(out.loss.detach()))
     assert losses[-1] < losses[0], losses
+
+
+def test_neftune_noise_is_bounded_and_only_while_training(tiny_models):
+    """alpha/sqrt(length*hidden) bounds the noise on the input embeddings; eval() sees the clean ones; removing the hook
+    restores the model exactly."""
+    model = build_peft_model(load_base_model(ModelConfig(name_or_path=str(tiny_models["llama"]))), PeftSettings(r=4),
+                             ModelConfig(name_or_path=str(tiny_models["llama"])), total_steps=1)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    embeddings = model.get_input_embeddings()
+    clean = embeddings(ids).detach()
+    assert add_neftune_noise(model, 0.0) is None
+    handle = add_neftune_noise(model, 5.0)
+    bound = 5.0 / (clean.shape[1] * clean.shape[2]) ** 0.5
+    model.train()
+    noisy = embeddings(ids).detach()
+    assert 0 < (noisy - clean).abs().max() <= bound
+    assert (noisy - clean).abs().mean() > bound / 4  # uniform in [-bound, bound]: mean |noise| is bound / 2
+    model.eval()
+    assert torch.equal(embeddings(ids), clean)
+    handle.remove()
+    model.train()
+    assert torch.equal(embeddings(ids), clean)
 
 
 def test_missing_model_path_and_fake_gguf_are_refused_before_loading(tmp_path):
