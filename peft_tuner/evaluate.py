@@ -382,7 +382,9 @@ def evaluate(cfg: Config, out_dir: str | Path, split: str = "eval", model_dir: O
                                         share_cache=not _is_prompt_learning(model), progress=progress)
             if cfg.eval.calibrate:
                 member_scores = member_scores - content_free_prior(model, encoder)
-            scores += member_scores.log_softmax(-1) / len(members) if len(members) > 1 else member_scores
+            if len(members) > 1:  # an ensemble averages the members' log-probabilities normalised over the classes
+                member_scores = member_scores.log_softmax(-1) / len(members)
+            scores += member_scores
             del model
         if len(members) > 1:
             model_kind = f"ensemble of {len(members)} {model_kind} adapters"

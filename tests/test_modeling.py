@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from peft_tuner.config import PEFT_METHODS, ModelConfig, PeftSettings
-from peft_tuner.modeling import (ModelError, add_neftune_noise, build_peft_model, count_parameters, load_base_model, resolve_model_source,
-                                 resolve_target_modules)
+from peft_tuner.modeling import (ModelError, add_neftune_noise, build_peft_model, count_parameters, load_base_model,
+                                 resolve_model_source, resolve_target_modules)
 
 
 @pytest.mark.parametrize("arch,expected", [("gpt2", ["c_attn"]), ("bloom", ["query_key_value"]), ("opt", ["q_proj", "v_proj"]),
