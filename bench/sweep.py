@@ -4,7 +4,8 @@ self-training on the unlabelled tweets, seed ensembles. Run on purpose, never by
     python bench/sweep.py SPEC.json --results docs/sweep.jsonl --workers 12 [--data DIR] [--deadline SECONDS]
 
 SPEC.json is a list of settings: {"name", "overrides": [...], "seeds": [...], "cv": K (0: none), "dev": true/false,
-"self_train": {"pseudo": N, "rounds": R} (optional)}. Every (setting, seed, fold or dev) is one job: train with
+"self_train": {"pseudo": N, "rounds": R} (optional), "unlabelled": N (optional: also store the final model's class scores
+for the first N rows of test_unlabeled.csv, for label-free calibration measured later from the file)}. Every (setting, seed, fold or dev) is one job: train with
 `python launch/train.py` (same loop as every launcher), score the held-out rows with `peft-tuner evaluate`, append one
 line to --results holding the accuracy and every row's class scores (so that seed ensembles are computed later from the
 file, with no model). Jobs already in --results are skipped: a sweep cut off by --deadline continues where it stopped.
@@ -124,6 +125,10 @@ class Sweep:
                 mixed = write_rows(out / f"round{r + 1}" / "train.csv", rows)
                 adapter = self.train(overrides, mixed, out / f"round{r + 1}")
             scored = self.evaluate(overrides + [f"data.eval_file={held}"], adapter, "eval", out / "held")
+            unlabelled = []
+            if setting.get("unlabelled"):
+                rows = f"data.max_rows={setting['unlabelled']}"  # the evaluation reads the training rows for the class names only
+                unlabelled = self.evaluate(overrides + [rows], adapter, "test", out / "unlabelled_final")
         except RuntimeError as error:
             print(f"FAILED {name} seed {seed} fold {fold}: {error}", flush=True)
             return None
@@ -132,6 +137,10 @@ class Sweep:
                   "overrides": setting["overrides"], "self_train": setting.get("self_train"), "pseudo": pseudo_counts,
                   "seconds": round(time.time() - started, 1), "device": os.environ.get("SWEEP_DEVICE", "cpu"),
                   "rows": [[p["gold"], p["scores"]] for p in scored]}
+        if unlabelled:
+            labels = [r["Label"] for r in read_rows(train_csv)]
+            record["train_prior"] = {c: labels.count(c) / len(labels) for c in sorted(set(labels))}
+            record["unlabelled_rows"] = [p["scores"] for p in unlabelled]
         with open(self.results, "a") as f:  # one short write per line: concurrent jobs do not interleave
             f.write(json.dumps(record) + "\n")
         return record
