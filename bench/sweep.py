@@ -205,6 +205,20 @@ def ensemble_accuracy(records: list[dict]) -> float:
     return correct / len(records[0]["rows"])
 
 
+def prior_matched_correct(record: dict) -> int:
+    """Held-out rows right after prior matching: class offsets set on the job's unlabelled rows so that the mean
+    predicted class shares there equal the shares of its training labels (peft_tuner.evaluate.prior_offsets)."""
+    import torch
+
+    from peft_tuner.evaluate import prior_offsets
+
+    classes = sorted(record["train_prior"])
+    unlabelled = torch.tensor([[scores[c] for c in classes] for scores in record["unlabelled_rows"]])
+    offsets = prior_offsets(unlabelled, torch.tensor([record["train_prior"][c] for c in classes]))
+    held = torch.tensor([[scores[c] for c in classes] for _, scores in record["rows"]]).log_softmax(-1) + offsets
+    return sum(classes[int(i)] == gold for i, (gold, _) in zip(held.argmax(-1), record["rows"]))
+
+
 def summarise(records: list[dict]) -> dict[str, dict]:
     """Per setting: CV accuracy (mean over seeds of the pooled held-out accuracy), CV accuracy of the seed ensemble,
     dev accuracy per seed, dev accuracy of the seed ensemble."""
@@ -220,6 +234,9 @@ def summarise(records: list[dict]) -> dict[str, dict]:
             per_seed = [sum(r["accuracy"] * r["n"] for r in cv if r["seed"] == s) / sum(r["n"] for r in cv if r["seed"] == s)
                         for s in complete]
             entry["cv"] = per_seed
+            if all("unlabelled_rows" in r for r in cv if r["seed"] in complete):
+                entry["cv_prior"] = [sum(prior_matched_correct(r) for r in cv if r["seed"] == s) /
+                                     sum(r["n"] for r in cv if r["seed"] == s) for s in complete]
             if len(complete) > 1:
                 hits = sum(ensemble_accuracy([r for r in cv if r["fold"] == f and r["seed"] in complete]) *
                            next(r["n"] for r in cv if r["fold"] == f) for f in folds)
@@ -227,6 +244,8 @@ def summarise(records: list[dict]) -> dict[str, dict]:
         dev = sorted((r for r in mine if r["fold"] == "dev"), key=lambda r: r["seed"])
         if dev:
             entry["dev"] = {r["seed"]: r["accuracy"] for r in dev}
+            if all("unlabelled_rows" in r for r in dev):
+                entry["dev_prior"] = {r["seed"]: prior_matched_correct(r) / r["n"] for r in dev}
             if len(dev) > 1:
                 entry["dev_ensemble"] = ensemble_accuracy(dev)
         out[name] = entry
@@ -251,14 +270,16 @@ def markdown(summary: dict[str, dict]) -> str:
         return "-" if value is None else f"{value:.3f}"
 
     lines = ["| setting | overrides of the recipe as it was before this sweep | self-training | 5-fold CV on train: "
-             "mean ± sd (seeds) | CV, seed ensemble | dev: mean ± sd (seeds) | dev, seed ensemble |",
-             "|---|---|---|---|---|---|---|"]
+             "mean ± sd (seeds) | CV, prior matched | CV, seed ensemble | dev: mean ± sd (seeds) | dev, prior matched "
+             "| dev, seed ensemble |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, e in summary.items():
         overrides = (" ".join(e["overrides"]) or "(as is)").replace("|", "\\|")
         st = e.get("self_train")
         self_train = f"{st['pseudo']} rows, {st['rounds']} round(s)" if st else "-"
-        lines.append(f"| {name} | `{overrides}` | {self_train} | {stat(e.get('cv'))} | {number(e.get('cv_ensemble'))} "
-                     f"| {stat((e.get('dev') or {}).values())} | {number(e.get('dev_ensemble'))} |")
+        lines.append(f"| {name} | `{overrides}` | {self_train} | {stat(e.get('cv'))} | {stat(e.get('cv_prior'))} "
+                     f"| {number(e.get('cv_ensemble'))} | {stat((e.get('dev') or {}).values())} "
+                     f"| {stat((e.get('dev_prior') or {}).values())} | {number(e.get('dev_ensemble'))} |")
     return "\n".join(lines)
 
 

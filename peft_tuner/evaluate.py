@@ -455,6 +455,18 @@ def content_free_prior(model, encoder: Encoder) -> torch.Tensor:
     return torch.logsumexp(scores.log_softmax(-1), 0) - math.log(len(rows))
 
 
+def prior_offsets(scores: torch.Tensor, shares: torch.Tensor, steps: int = 200) -> torch.Tensor:
+    """Per-class offsets b for [rows, classes] scores such that softmax(scores + b), averaged over the rows, equals
+    `shares` (the classes' shares among the training labels): the model's lean towards one class, measured on
+    unlabelled rows, is taken out. Iterative scaling: b += log(wanted share) - log(mean predicted share)."""
+    log_probs = scores.double().log_softmax(-1)
+    wanted = shares.double().clamp_min(1e-12).log()
+    offsets = torch.zeros(scores.shape[-1], dtype=torch.float64)
+    for _ in range(steps):
+        offsets += wanted - (log_probs + offsets).softmax(-1).mean(0).log()
+    return (offsets - offsets.mean()).float()
+
+
 @torch.no_grad()
 def evaluate_text(cfg: Config, table, out_dir, model_dir, adapter_dir, quiet: bool) -> dict:
     """Plain text: mean token loss and perplexity over packed blocks of data.max_length."""

@@ -12,7 +12,8 @@ import torch
 from conftest import launch_command, run, write_recipe
 from peft_tuner.config import Config, ConfigError, ModelConfig, PeftSettings
 from peft_tuner.data import Encoder, build_task, read_table
-from peft_tuner.evaluate import CandidateTree, classification_metrics, rank_scores, takes_tree_mask, text_to_class
+from peft_tuner.evaluate import (CandidateTree, classification_metrics, prior_offsets, rank_scores, takes_tree_mask,
+                                 text_to_class)
 from peft_tuner.merge import MergeError, merge
 from peft_tuner.modeling import build_peft_model, load_base_model, load_tokenizer
 
@@ -124,6 +125,19 @@ def test_metrics_and_text_to_class():
     assert text_to_class(" no complaint", words) == "no complaint"
     assert text_to_class("complaint about", words) == "complaint"
     assert text_to_class("banana", words) is None
+
+
+def test_prior_offsets_make_the_mean_predicted_shares_equal_the_training_shares():
+    torch.manual_seed(0)
+    scores = torch.randn(400, 3) * 2 + torch.tensor([1.0, 0.0, -1.0])  # leans towards class 0
+    shares = torch.tensor([0.2, 0.3, 0.5])
+    offsets = prior_offsets(scores, shares)
+    torch.testing.assert_close((scores.log_softmax(-1) + offsets).softmax(-1).mean(0), shares, atol=1e-4, rtol=0)
+    assert offsets[0] < offsets[1] < offsets[2]
+    # a constant added to one class's scores everywhere is a lean like any other: taken out, same predictions
+    shifted = prior_offsets(scores + torch.tensor([3.0, 0.0, 0.0]), shares)
+    assert torch.equal((scores.log_softmax(-1) + offsets).argmax(-1),
+                       ((scores + torch.tensor([3.0, 0.0, 0.0])).log_softmax(-1) + shifted).argmax(-1))
 
 
 def test_evaluation_over_two_processes_returns_every_row_once(tiny_models, data_dir, tmp_path):
