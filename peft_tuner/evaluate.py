@@ -359,26 +359,31 @@ def evaluate(cfg: Config, out_dir: str | Path, split: str = "eval", model_dir: O
                               f"--adapter {adapter_dir}; an ensemble needs the same classes")
     rows = prepare_split(task, table, cfg.data, require_labels=False).rows
     labelled = all(r.get(task.label_column) is not None for r in rows) and task.label_column in table.columns
+    if cfg.eval.match_prior and method != "rank":
+        raise ConfigError("eval.match_prior: works on rank classification's class scores; evaluate with --method rank")
+    shares, reference = prior_reference(cfg, task) if cfg.eval.match_prior else (None, [])
 
     world = 1
     if dist.detect_launcher() != "python":
         dist.init_distributed()
         world = dist.world_size()
     mine = list(range(dist.rank(), len(rows), world))
+    my_rows = [rows[i] for i in mine]
+    my_reference = reference[dist.rank()::world]  # scored with the rows, then split off again
     progress = None
     if dist.is_main() and not quiet:
         from tqdm.auto import tqdm
 
-        progress = tqdm(total=len(mine) * len(members), desc=f"evaluate ({method}, rank 0 of {world})", dynamic_ncols=True)
+        progress = tqdm(total=(len(my_rows) + len(my_reference)) * len(members), dynamic_ncols=True,
+                        desc=f"evaluate ({method}, rank 0 of {world})")
     started = time.time()
-    my_rows = [rows[i] for i in mine]
     if method == "rank":
-        scores = torch.zeros((len(my_rows), len(task.class_names)))
+        scores = torch.zeros((len(my_rows) + len(my_reference), len(task.class_names)))
         for member in members:
             model, tokenizer, model_kind = load_for_inference(cfg, model_dir, member)
             model.to(dist.device())
             encoder = Encoder(tokenizer, task, cfg.data.max_length)
-            member_scores = rank_scores(model, encoder, my_rows, cfg.eval.batch_size,
+            member_scores = rank_scores(model, encoder, my_rows + my_reference, cfg.eval.batch_size,
                                         share_cache=not _is_prompt_learning(model), progress=progress)
             if cfg.eval.calibrate:
                 member_scores = member_scores - content_free_prior(model, encoder)
@@ -388,6 +393,10 @@ def evaluate(cfg: Config, out_dir: str | Path, split: str = "eval", model_dir: O
             del model
         if len(members) > 1:
             model_kind = f"ensemble of {len(members)} {model_kind} adapters"
+        scores, reference_scores = scores[: len(my_rows)], scores[len(my_rows):]
+        if reference:
+            offsets = prior_offsets(torch.cat(dist.all_gather_objects(reference_scores)), shares)
+            scores = scores.log_softmax(-1) + offsets
         results = [{"prediction": task.class_names[int(s.argmax())], "scores": dict(zip(task.class_names, s.tolist()))}
                    for s in scores]
     else:
@@ -421,6 +430,9 @@ def evaluate(cfg: Config, out_dir: str | Path, split: str = "eval", model_dir: O
     result = {"split": split, "source": spec, "method": method, "model": model_kind, "rows": len(rows),
               "processes": world, "seconds": round(elapsed, 3), "examples_per_second": round(len(rows) / elapsed, 2),
               "peak_memory_gb": round(dist.peak_memory_gb(), 3)}
+    if reference:
+        result["prior_matching"] = {"rows": len(reference), "training_shares": dict(zip(task.class_names, shares.tolist())),
+                                    "offsets": dict(zip(task.class_names, offsets.tolist()))}
     if labelled:
         result.update(classification_metrics([p["gold"] for p in predictions], [p["prediction"] for p in predictions],
                                              task.class_names))
@@ -453,6 +465,18 @@ def content_free_prior(model, encoder: Encoder) -> torch.Tensor:
     rows = [{c: text for c in encoder.task.template_columns} for text in ("N/A", "", "[MASK]")]
     scores = rank_scores(model, encoder, rows, batch_size=3, share_cache=not _is_prompt_learning(model))
     return torch.logsumexp(scores.log_softmax(-1), 0) - math.log(len(rows))
+
+
+def prior_reference(cfg: Config, task: ClassificationTask) -> tuple[torch.Tensor, list[dict]]:
+    """For eval.match_prior: the training labels' class shares and the unlabelled rows to measure the lean on."""
+    train = read_table(cfg.data.train_file, "train")
+    labels = [str(r.get(task.label_column)) for r in train.rows if r.get(task.label_column) not in (None, "")]
+    counts = torch.tensor([float(labels.count(name)) for name in task.class_names])
+    if counts.sum() == 0:
+        raise DataError(f"eval.match_prior: {train.source} has no labels of the classes {task.class_names} in column "
+                        f"'{task.label_column}'; the training shares cannot be counted")
+    reference = prepare_split(task, read_table(cfg.data.test_file, "test"), cfg.data, require_labels=False).rows
+    return counts / counts.sum(), reference[: cfg.eval.prior_rows]
 
 
 def prior_offsets(scores: torch.Tensor, shares: torch.Tensor, steps: int = 200) -> torch.Tensor:

@@ -60,6 +60,15 @@ def test_all_problems_are_reported_together():
     assert "3 problem(s)" in text and "train.lr" in text and "peft.use_dora" in text and "train.epochs" in text
 
 
+def test_match_prior_needs_rank_classification_and_unlabelled_rows():
+    with pytest.raises(ConfigError, match="eval.match_prior: works on rank classification's class scores; set eval.method=rank"):
+        load_config(str(RECIPES[0]), ["eval.match_prior=true", "eval.method=generate"])
+    with pytest.raises(ConfigError, match=r"eval.match_prior: needs data.test_file \(unlabelled rows"):
+        load_config(str(RECIPES[0]), ["eval.match_prior=true", "data.test_file=null"])
+    with pytest.raises(ConfigError, match="eval.prior_rows: must be positive"):
+        load_config(str(RECIPES[0]), ["eval.prior_rows=0"])
+
+
 def test_deepspeed_batch_sizes_that_contradict_the_recipe(tmp_path):
     cfg = load_config(str(RECIPES[0]), ["train.batch_size=4"])
     with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu=8 contradicts the recipe's train.batch_size=4"):

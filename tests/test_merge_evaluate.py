@@ -222,3 +222,33 @@ def test_several_adapters_are_scored_as_one_ensemble(tiny_models, tmp_path, data
     assert alone[0] != alone[1]  # two different members
     with pytest.raises(ConfigError, match="an ensemble of adapters is scored by rank classification"):
         evaluate(cfg, tmp_path / "generate", adapter_dir=members, method="generate", quiet=True)
+
+
+def test_match_prior_offsets_the_scores_to_the_training_shares(tiny_models, tmp_path, data_dir):
+    from peft_tuner.evaluate import evaluate
+
+    adapter = tmp_path / "adapter"
+    make_adapter(tiny_models["llama"], adapter, seed=3)
+    cfg = Config(model=ModelConfig(name_or_path=str(tiny_models["llama"])))
+    cfg.data.train_file = cfg.data.eval_file = cfg.data.test_file = str(data_dir / "raft")
+    plain = evaluate(cfg, tmp_path / "plain", adapter_dir=str(adapter), quiet=True)
+    cfg.eval.match_prior = True
+    matched = evaluate(cfg, tmp_path / "matched", adapter_dir=str(adapter), quiet=True)
+    labels = [r["Label"] for r in read_table(str(data_dir / "raft"), "train").rows]
+    shares = matched["prior_matching"]["training_shares"]
+    assert shares == pytest.approx({c: labels.count(c) / len(labels) for c in ("complaint", "no complaint")})
+    assert matched["prior_matching"]["rows"] == 10  # every row of test_unlabeled.csv (fewer than eval.prior_rows)
+
+    def scores(folder, split="eval"):
+        return torch.tensor([list(json.loads(l)["scores"].values()) for l in (folder / f"predictions_{split}.jsonl").open()])
+
+    # each row: its class log-probabilities normalised over the classes, plus the offsets
+    offsets = torch.tensor(list(matched["prior_matching"]["offsets"].values()))
+    torch.testing.assert_close(scores(tmp_path / "matched"), scores(tmp_path / "plain").log_softmax(-1) + offsets)
+    assert plain["n"] == matched["n"] == 8
+    # on the rows the lean was measured on, the mean predicted shares are the training shares
+    evaluate(cfg, tmp_path / "test", split="test", adapter_dir=str(adapter), quiet=True)
+    torch.testing.assert_close(scores(tmp_path / "test", "test").softmax(-1).mean(0), torch.tensor(list(shares.values())),
+                               atol=1e-4, rtol=0)
+    with pytest.raises(ConfigError, match="eval.match_prior: works on rank classification"):
+        evaluate(cfg, tmp_path / "generate", adapter_dir=str(adapter), method="generate", quiet=True)
