@@ -15,7 +15,7 @@ from conftest import SHARED_DATA, run
 def test_demo_runs_end_to_end_and_reports_what_it_wrote(tmp_path):
     out = tmp_path / "demo"
     proc = run([sys.executable, "-m", "peft_tuner.cli", "demo", "--tiny", "--out", str(out), "--test-rows", "12",
-                "data.max_rows=12", "train.epochs=2", "data.max_length=48"], timeout=400)
+                "data.max_rows=12", "train.epochs=2", "data.max_length=48", "eval.match_prior=true"], timeout=400)
     report = json.loads((out / "demo_report.json").read_text())
     tuned = json.loads((out / "eval_tuned" / "metrics_eval.json").read_text())
     base = json.loads((out / "eval_base" / "metrics_eval.json").read_text())
@@ -25,6 +25,9 @@ def test_demo_runs_end_to_end_and_reports_what_it_wrote(tmp_path):
     assert f"| LoRA-tuned | {tuned['accuracy']:.4f} | {tuned['macro_f1']:.4f} |" in text
     assert f"| base model | {base['accuracy']:.4f} | {base['macro_f1']:.4f} |" in text
     assert "peak memory" in text and "demo wall time" in text and text in proc.stdout
+    prior = report["tuned"]["prior_matching"]  # measured on the 12 test rows that data.max_rows leaves
+    assert prior == tuned["prior_matching"] and prior["rows"] == 12
+    assert "set on 12 unlabelled test rows" in text and f"complaint {prior['offsets']['complaint']:+.2f}" in text
     train_summary = json.loads((out / "train" / "summary.json").read_text())
     assert train_summary["world_size"] == 2 and train_summary["zero_stage"] == 2
     assert f"peak memory {train_summary['peak_memory_gb']:.2f} GB" in text
