@@ -476,7 +476,7 @@ def prior_reference(cfg: Config, task: ClassificationTask) -> tuple[torch.Tensor
         raise DataError(f"eval.match_prior: {train.source} has no labels of the classes {task.class_names} in column "
                         f"'{task.label_column}'; the training shares cannot be counted")
     reference = prepare_split(task, read_table(cfg.data.test_file, "test"), cfg.data, require_labels=False).rows
-    return counts / counts.sum(), reference[: cfg.eval.prior_rows]
+    return counts / counts.sum(), reference[: cfg.eval.prior_rows]  # prepare_split refuses a file with no rows
 
 
 def prior_offsets(scores: torch.Tensor, shares: torch.Tensor, steps: int = 200) -> torch.Tensor:

@@ -11,7 +11,7 @@ import torch
 
 from conftest import launch_command, run, write_recipe
 from peft_tuner.config import Config, ConfigError, ModelConfig, PeftSettings
-from peft_tuner.data import Encoder, build_task, read_table
+from peft_tuner.data import DataError, Encoder, build_task, read_table
 from peft_tuner.evaluate import (CandidateTree, classification_metrics, prior_offsets, rank_scores, takes_tree_mask,
                                  text_to_class)
 from peft_tuner.merge import MergeError, merge
@@ -252,3 +252,7 @@ def test_match_prior_offsets_the_scores_to_the_training_shares(tiny_models, tmp_
                                atol=1e-4, rtol=0)
     with pytest.raises(ConfigError, match="eval.match_prior: works on rank classification"):
         evaluate(cfg, tmp_path / "generate", adapter_dir=str(adapter), method="generate", quiet=True)
+    (tmp_path / "empty.csv").write_text("Tweet text,ID\n,1\n")  # one row, its text empty: dropped
+    cfg.data.test_file = str(tmp_path / "empty.csv")
+    with pytest.raises(DataError, match="empty.csv: no rows left to use"):
+        evaluate(cfg, tmp_path / "no_rows", adapter_dir=str(adapter), quiet=True)
