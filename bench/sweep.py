@@ -4,11 +4,11 @@ self-training on the unlabelled tweets, seed ensembles. Run on purpose, never by
     python bench/sweep.py SPEC.json --results docs/sweep.jsonl --workers 12 [--data DIR] [--deadline SECONDS]
 
 SPEC.json is a list of settings: {"name", "overrides": [...], "seeds": [...], "cv": K (0: none), "dev": true/false,
-"self_train": {"pseudo": N, "rounds": R} (optional), "unlabelled": N (optional: also store the final model's class scores
-for the first N rows of test_unlabeled.csv, for label-free calibration measured later from the file)}. Every (setting, seed, fold or dev) is one job: train with
-`python launch/train.py` (same loop as every launcher), score the held-out rows with `peft-tuner evaluate`, append one
-line to --results holding the accuracy and every row's class scores (so that seed ensembles are computed later from the
-file, with no model). Jobs already in --results are skipped: a sweep cut off by --deadline continues where it stopped.
+"self_train": {"pseudo": N, "rounds": R} (optional), "unlabelled": N (optional: also store the final model's class
+scores for the first N rows of test_unlabeled.csv, so that label-free calibration is measured later from the file)}.
+Every (setting, seed, fold or dev) is one job: train with `python launch/train.py` (same loop as every launcher),
+score the held-out rows with `peft-tuner evaluate`, append one line to --results holding the accuracy and every row's
+class scores (so that seed ensembles are computed later from the file, with no model). Jobs already in --results are skipped: a sweep cut off by --deadline continues where it stopped.
 With self-training, the model trained on the labelled rows labels test_unlabeled.csv; the N most confident rows (split
 over the classes as in the labelled rows) join the labelled rows and a fresh adapter is trained on them, R times.
 `--choose N` then picks, from the CV results alone, the setting to run on dev with N seeds.
@@ -221,7 +221,8 @@ def prior_matched_correct(record: dict) -> int:
 
 def summarise(records: list[dict]) -> dict[str, dict]:
     """Per setting: CV accuracy (mean over seeds of the pooled held-out accuracy), CV accuracy of the seed ensemble,
-    dev accuracy per seed, dev accuracy of the seed ensemble."""
+    dev accuracy per seed, dev accuracy of the seed ensemble; with unlabelled scores, CV and dev accuracy after prior
+    matching too."""
     out: dict[str, dict] = {}
     for name in dict.fromkeys(r["name"] for r in records):
         mine = [r for r in records if r["name"] == name]
