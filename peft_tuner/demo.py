@@ -130,15 +130,15 @@ def _scores(result: dict) -> dict:
     return {k: result[k] for k in keys if k in result}
 
 
-def _prior_line(scores: dict) -> str:
-    """What eval.match_prior did, in words (empty when it is off)."""
+def _prior_lines(scores: dict) -> list[str]:
+    """What eval.match_prior did, in words, and a blank line; nothing when it is off."""
     prior = scores.get("prior_matching")
     if not prior:
-        return ""
+        return []
     offsets = ", ".join(f"{name} {value:+.2f}" for name, value in prior["offsets"].items())
     shares = ", ".join(f"{name} {value:.2f}" for name, value in prior["training_shares"].items())
-    return (f"prior matching (eval.match_prior): class offsets {offsets}, set on {prior['rows']} unlabelled test rows "
-            f"so that the predicted shares there equal the training shares ({shares})")
+    return [f"prior matching (eval.match_prior): class offsets {offsets}, set on {prior['rows']} unlabelled test rows "
+            f"so that the predicted shares there equal the training shares ({shares})", ""]
 
 
 def plot_training(log_file: Path, base_accuracy: float, png: Path) -> None:
@@ -172,7 +172,7 @@ def format_demo_report(r: dict, tuned: dict) -> str:
         f"| base model | {r['base']['accuracy']:.4f} | {r['base']['macro_f1']:.4f} |",
         f"| LoRA-tuned | {r['tuned']['accuracy']:.4f} | {r['tuned']['macro_f1']:.4f} |", "",
         "```", format_report(tuned), "```", "",
-        *([_prior_line(r["tuned"]), ""] if r["tuned"].get("prior_matching") else []),
+        *_prior_lines(r["tuned"]),
         f"training: {r['train_seconds']} s ({r['mean_step_seconds']:.2f} s/step), peak memory {r['peak_memory_gb']:.2f} GB "
         f"per process | merge check: max |logit diff| {r['merge_max_logit_diff']:.2e} | demo wall time {r['wall_seconds']} s",
         "", f"sample: {r['sample']['prompt']!r} -> {r['sample']['answer']!r} (gold: {r['sample']['gold']})", "",
