@@ -5,12 +5,16 @@ self-training on the unlabelled tweets, seed ensembles. Run on purpose, never by
 
 SPEC.json is a list of settings: {"name", "overrides": [...], "seeds": [...], "cv": K (0: none), "dev": true/false,
 "self_train": {"pseudo": N, "rounds": R} (optional), "unlabelled": N (optional: also store the final model's class
-scores for the first N rows of test_unlabeled.csv, so that label-free calibration is measured later from the file)}.
+scores for the first N rows of test_unlabeled.csv, so that label-free calibration is measured later from the file),
+"teacher": {"name": SETTING, "seeds": [...]} (optional: distillation, below)}.
 Every (setting, seed, fold or dev) is one job: train with `python launch/train.py` (same loop as every launcher),
 score the held-out rows with `peft-tuner evaluate`, append one line to --results holding the accuracy and every row's
 class scores (so that seed ensembles are computed later from the file, with no model). Jobs already in --results are skipped: a sweep cut off by --deadline continues where it stopped.
 With self-training, the model trained on the labelled rows labels test_unlabeled.csv; the N most confident rows (split
 over the classes as in the labelled rows) join the labelled rows and a fresh adapter is trained on them, R times.
+With a teacher, the student of each fold (or of dev) trains on its labelled rows plus every unlabelled row that the
+teacher setting's models of the same fold stored in --results, labelled by their seed ensemble (the rows split over the
+classes as in the labelled rows, the most confident first): the ensemble's knowledge in one adapter.
 `--choose N` then picks, from the CV results alone, the setting to run on dev with N seeds.
 """
 from __future__ import annotations
@@ -115,6 +119,11 @@ class Sweep:
         else:
             train_csv, held = self.folds(setting["cv"])[fold]
         try:
+            if setting.get("teacher"):
+                rows, counts = pseudo_label(read_rows(train_csv), self.teacher_scores(setting["teacher"], fold),
+                                            self.unlabelled(), n=None)
+                pseudo_counts.append(counts)
+                train_csv = write_rows(out / "distilled" / "train.csv", rows)
             adapter = self.train(overrides, train_csv, out / "round0")
             pseudo_counts = []
             st = setting.get("self_train")
@@ -135,6 +144,7 @@ class Sweep:
         correct = sum(p["prediction"] == p["gold"] for p in scored)
         record = {"name": name, "seed": seed, "fold": fold, "accuracy": correct / len(scored), "n": len(scored),
                   "overrides": setting["overrides"], "self_train": setting.get("self_train"), "pseudo": pseudo_counts,
+                  "teacher": setting.get("teacher"),
                   "seconds": round(time.time() - started, 1), "device": os.environ.get("SWEEP_DEVICE", "cpu"),
                   "rows": [[p["gold"], p["scores"]] for p in scored]}
         if unlabelled:
@@ -144,6 +154,25 @@ class Sweep:
         with open(self.results, "a") as f:  # one short write per line: concurrent jobs do not interleave
             f.write(json.dumps(record) + "\n")
         return record
+
+    def teacher_scores(self, teacher: dict, fold) -> list[dict]:
+        """The teacher's seed ensemble on the unlabelled rows its models of this fold scored: each class's
+        log-probability normalised over the classes, averaged over the seeds."""
+        mine = [r for r in load(self.results) if r["name"] == teacher["name"] and r["fold"] == fold
+                and r["seed"] in teacher["seeds"]]
+        if sorted(r["seed"] for r in mine) != sorted(teacher["seeds"]) or not all("unlabelled_rows" in r for r in mine):
+            raise RuntimeError(f"{self.results} lacks the unlabelled scores of teacher {teacher['name']}, fold {fold}, "
+                               f"seeds {teacher['seeds']}: run that setting with \"unlabelled\" first")
+        ids = [r["ID"] for r in read_rows(self.data / "test_unlabeled.csv")]
+        scored = []
+        for i, rows in enumerate(zip(*(r["unlabelled_rows"] for r in mine))):
+            total: dict[str, float] = {}
+            for scores in rows:
+                norm = math.log(sum(math.exp(v) for v in scores.values()))
+                for c, v in scores.items():
+                    total[c] = total.get(c, 0.0) + (v - norm) / len(rows)
+            scored.append({"id": ids[i], "scores": total})
+        return scored
 
     def unlabelled(self) -> dict[str, dict]:
         return {r["ID"]: r for r in read_rows(self.data / "test_unlabeled.csv")}
@@ -169,9 +198,11 @@ class Sweep:
             raise RuntimeError(f"exit {proc.returncode}: {log}\n" + log.read_text()[-1500:])
 
 
-def pseudo_label(labelled: list[dict], scored: list[dict], unlabelled: dict[str, dict], n: int) -> tuple[list[dict], dict]:
-    """The labelled rows plus n unlabelled rows, split over the classes as the labelled rows are: for each class the
-    rows with the highest probability of that class (normalised over the classes), each row taken once."""
+def pseudo_label(labelled: list[dict], scored: list[dict], unlabelled: dict[str, dict], n: int | None) -> tuple[list[dict], dict]:
+    """The labelled rows plus n unlabelled rows (None: every scored row), split over the classes as the labelled rows
+    are: for each class the rows with the highest probability of that class (normalised over the classes), each row
+    taken once."""
+    n = len(scored) if n is None else n
     share = {c: sum(r["Label"] == c for r in labelled) / len(labelled) for c in dict.fromkeys(r["Label"] for r in labelled)}
     taken, rows, counts = set(), list(labelled), {}
     for c, fraction in sorted(share.items(), key=lambda kv: kv[1]):  # the rarer class picks first
