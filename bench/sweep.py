@@ -118,6 +118,7 @@ class Sweep:
             train_csv, held = self.data / "train.csv", self.data / "dev.csv"
         else:
             train_csv, held = self.folds(setting["cv"])[fold]
+        pseudo_counts = []
         try:
             if setting.get("teacher"):
                 rows, counts = pseudo_label(read_rows(train_csv), self.teacher_scores(setting["teacher"], fold),
@@ -125,7 +126,6 @@ class Sweep:
                 pseudo_counts.append(counts)
                 train_csv = write_rows(out / "distilled" / "train.csv", rows)
             adapter = self.train(overrides, train_csv, out / "round0")
-            pseudo_counts = []
             st = setting.get("self_train")
             for r in range(st["rounds"] if st else 0):
                 scored = self.evaluate(overrides, adapter, "test", out / f"round{r}" / "unlabelled")
@@ -260,7 +260,8 @@ def summarise(records: list[dict]) -> dict[str, dict]:
         cv = [r for r in mine if r["fold"] != "dev"]
         seeds = sorted({r["seed"] for r in cv})
         folds = sorted({r["fold"] for r in cv})
-        entry = {"overrides": mine[0]["overrides"], "self_train": mine[0].get("self_train")}
+        entry = {"overrides": mine[0]["overrides"], "self_train": mine[0].get("self_train"),
+                 "teacher": mine[0].get("teacher")}
         complete = [s for s in seeds if all(any(r["seed"] == s and r["fold"] == f for r in cv) for f in folds)]
         if complete:
             per_seed = [sum(r["accuracy"] * r["n"] for r in cv if r["seed"] == s) / sum(r["n"] for r in cv if r["seed"] == s)
@@ -301,14 +302,15 @@ def markdown(summary: dict[str, dict]) -> str:
     def number(value) -> str:
         return "-" if value is None else f"{value:.3f}"
 
-    lines = ["| setting | overrides of the recipe as it was before this sweep | self-training | 5-fold CV on train: "
+    lines = ["| setting | overrides of the recipe as it was before this sweep | self-training or teacher | 5-fold CV on train: "
              "mean ± sd (seeds) | CV, prior matched | CV, seed ensemble | dev: mean ± sd (seeds) | dev, prior matched "
              "| dev, seed ensemble |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, e in summary.items():
         overrides = (" ".join(e["overrides"]) or "(as is)").replace("|", "\\|")
-        st = e.get("self_train")
-        self_train = f"{st['pseudo']} rows, {st['rounds']} round(s)" if st else "-"
+        st, teacher = e.get("self_train"), e.get("teacher")
+        self_train = (f"{st['pseudo']} rows, {st['rounds']} round(s)" if st else
+                      f"distilled from {teacher['name']} (seeds {', '.join(map(str, teacher['seeds']))})" if teacher else "-")
         lines.append(f"| {name} | `{overrides}` | {self_train} | {stat(e.get('cv'))} | {stat(e.get('cv_prior'))} "
                      f"| {number(e.get('cv_ensemble'))} | {stat((e.get('dev') or {}).values())} "
                      f"| {stat((e.get('dev_prior') or {}).values())} | {number(e.get('dev_ensemble'))} |")
