@@ -164,15 +164,7 @@ class Sweep:
             raise RuntimeError(f"{self.results} lacks the unlabelled scores of teacher {teacher['name']}, fold {fold}, "
                                f"seeds {teacher['seeds']}: run that setting with \"unlabelled\" first")
         ids = [r["ID"] for r in read_rows(self.data / "test_unlabeled.csv")]
-        scored = []
-        for i, rows in enumerate(zip(*(r["unlabelled_rows"] for r in mine))):
-            total: dict[str, float] = {}
-            for scores in rows:
-                norm = math.log(sum(math.exp(v) for v in scores.values()))
-                for c, v in scores.items():
-                    total[c] = total.get(c, 0.0) + (v - norm) / len(rows)
-            scored.append({"id": ids[i], "scores": total})
-        return scored
+        return [{"id": ids[i], "scores": mean_log_probs(rows)} for i, rows in enumerate(zip(*(r["unlabelled_rows"] for r in mine)))]
 
     def unlabelled(self) -> dict[str, dict]:
         return {r["ID"]: r for r in read_rows(self.data / "test_unlabeled.csv")}
@@ -227,13 +219,21 @@ def ensemble_accuracy(records: list[dict]) -> float:
     """Average each class's normalised log-probability over the records (same rows, other seeds), then argmax."""
     correct = 0
     for rows in zip(*(r["rows"] for r in records)):
-        total: dict[str, float] = {}
-        for gold, scores in rows:
-            norm = math.log(sum(math.exp(v) for v in scores.values()))
-            for c, v in scores.items():
-                total[c] = total.get(c, 0.0) + v - norm
-        correct += max(total, key=total.get) == rows[0][0]
+        mean = mean_log_probs(scores for _, scores in rows)
+        correct += max(mean, key=mean.get) == rows[0][0]
     return correct / len(records[0]["rows"])
+
+
+def mean_log_probs(members) -> dict[str, float]:
+    """One row's class scores from several models as one: each class's log-probability normalised over the classes,
+    averaged over the models."""
+    members = list(members)
+    total: dict[str, float] = {}
+    for scores in members:
+        norm = math.log(sum(math.exp(v) for v in scores.values()))
+        for c, v in scores.items():
+            total[c] = total.get(c, 0.0) + (v - norm) / len(members)
+    return total
 
 
 def prior_matched_correct(record: dict) -> int:
