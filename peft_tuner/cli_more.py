@@ -1,4 +1,4 @@
-"""Verbs after training: merge, evaluate, generate (and model preparation and the demo, registered by their modules).
+"""Verbs after training: merge, evaluate, pseudo-label, generate (and model preparation and the demo, registered by their modules).
 
 Each reads the config saved beside the adapter or merged model unless a recipe is given; overrides apply on top.
 """
@@ -26,6 +26,15 @@ def register(sub) -> None:
     p.add_argument("--method", choices=["rank", "generate"], help="default: eval.method")
     p.add_argument("--out", help="where predictions and metrics go (default: output_dir/eval)")
     p.set_defaults(run=_evaluate)
+
+    p = sub.add_parser("pseudo-label", help="label data.test_file's rows with adapters (an ensemble, say) and write "
+                       "them with the training rows to one CSV, for training a student adapter on")
+    p.add_argument("items", nargs="*", help="[RECIPE.yaml] [section.key=value ...]")
+    _add_model_flags(p, ensemble=True)
+    p.add_argument("--rows", type=int, help="label the first N rows of data.test_file (default: all)")
+    p.add_argument("--out", required=True, help="the CSV to write (training rows, then the labelled rows)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out and its _scores folder if they exist")
+    p.set_defaults(run=_pseudo_label)
 
     p = sub.add_parser("generate", help="generate text: greedy, beam, sampling, top-k/top-p")
     p.add_argument("items", nargs="*", help="[RECIPE.yaml] [section.key=value ...], e.g. generate.num_beams=4")
@@ -90,6 +99,14 @@ def _evaluate(args) -> int:
     cfg = config_for(args)
     out = args.out or str(Path(cfg.output_dir) / "eval")
     evaluate(cfg, out, split=args.split, model_dir=args.model, adapter_dir=args.adapter, method=args.method)
+    return 0
+
+
+def _pseudo_label(args) -> int:
+    from peft_tuner.distill import pseudo_label
+
+    pseudo_label(config_for(args), args.out, adapter_dir=args.adapter, model_dir=args.model, rows=args.rows,
+                 overwrite=args.overwrite)
     return 0
 
 

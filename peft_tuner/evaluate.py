@@ -469,14 +469,19 @@ def content_free_prior(model, encoder: Encoder) -> torch.Tensor:
 
 def prior_reference(cfg: Config, task: ClassificationTask) -> tuple[torch.Tensor, list[dict]]:
     """For eval.match_prior: the training labels' class shares and the unlabelled rows to measure the lean on."""
-    train = read_table(cfg.data.train_file, "train")
+    shares = training_shares(read_table(cfg.data.train_file, "train"), task)
+    reference = prepare_split(task, read_table(cfg.data.test_file, "test"), cfg.data, require_labels=False).rows
+    return shares, reference[: cfg.eval.prior_rows]  # prepare_split refuses a file with no rows
+
+
+def training_shares(train, task: ClassificationTask) -> torch.Tensor:
+    """Each class's share among the labels of the training table."""
     labels = [str(r.get(task.label_column)) for r in train.rows if r.get(task.label_column) not in (None, "")]
     counts = torch.tensor([float(labels.count(name)) for name in task.class_names])
     if counts.sum() == 0:
-        raise DataError(f"eval.match_prior: {train.source} has no labels of the classes {task.class_names} in column "
+        raise DataError(f"{train.source} has no labels of the classes {task.class_names} in column "
                         f"'{task.label_column}'; the training shares cannot be counted")
-    reference = prepare_split(task, read_table(cfg.data.test_file, "test"), cfg.data, require_labels=False).rows
-    return counts / counts.sum(), reference[: cfg.eval.prior_rows]  # prepare_split refuses a file with no rows
+    return counts / counts.sum()
 
 
 def prior_offsets(scores: torch.Tensor, shares: torch.Tensor, steps: int = 200) -> torch.Tensor:

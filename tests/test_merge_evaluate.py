@@ -11,7 +11,7 @@ import torch
 
 from conftest import launch_command, run, write_recipe
 from peft_tuner.config import Config, ConfigError, ModelConfig, PeftSettings
-from peft_tuner.data import DataError, Encoder, build_task, read_table
+from peft_tuner.data import DataError, Encoder, build_task, prepare_split, read_table
 from peft_tuner.evaluate import (CandidateTree, classification_metrics, prior_offsets, rank_scores, takes_tree_mask,
                                  text_to_class)
 from peft_tuner.merge import MergeError, merge
@@ -256,3 +256,57 @@ def test_match_prior_offsets_the_scores_to_the_training_shares(tiny_models, tmp_
     cfg.data.test_file = str(tmp_path / "empty.csv")
     with pytest.raises(DataError, match="empty.csv: no rows left to use"):
         evaluate(cfg, tmp_path / "no_rows", adapter_dir=str(adapter), quiet=True)
+
+
+def test_split_by_shares_gives_out_the_training_shares_most_confident_first():
+    from peft_tuner.distill import split_by_shares
+
+    # a model leaning to class 0 on every row: argmax would say 0 four times; the shares say one 0, three 1
+    scores = torch.tensor([[2.0, 0.0], [5.0, 0.0], [1.0, 0.0], [3.0, 0.0]])
+    assert split_by_shares(scores, torch.tensor([0.25, 0.75])) == [1, 0, 1, 1]
+    # three classes: the rarer ones (0, then 2) pick first, each its one row; class 1, the most common, takes the rest
+    scores = torch.tensor([[0.0, 0.0, 9.0], [0.0, 0.0, 8.0], [4.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    assert split_by_shares(scores, torch.tensor([0.2, 0.6, 0.2])) == [2, 1, 0, 1, 1]
+
+
+def test_pseudo_label_writes_the_training_rows_then_the_labelled_test_rows(tiny_models, tmp_path, data_dir):
+    from peft_tuner.cli import main
+
+    adapters = []
+    for seed in (1, 2):
+        make_adapter(tiny_models["llama"], tmp_path / f"seed{seed}", seed=seed)
+        adapters += ["--adapter", str(tmp_path / f"seed{seed}")]
+    raft = data_dir / "raft"
+    recipe = write_recipe(tmp_path / "recipe.yaml", tiny_models["llama"], raft, tmp_path / "run",
+                          data={"test_file": str(raft)})
+    out = tmp_path / "distilled.csv"
+    assert main(["pseudo-label", str(recipe), *adapters, "--rows", "8", "--out", str(out)]) == 0
+
+    train = read_table(str(raft / "train.csv")).rows
+    test = read_table(str(raft / "test_unlabeled.csv")).rows[:8]
+    written = list(csv.DictReader(out.open()))
+    assert [(r["Tweet text"], r["Label"]) for r in written[: len(train)]] == [(r["Tweet text"], r["Label"]) for r in train]
+    pseudo = written[len(train):]
+    assert [(r["Tweet text"], r["ID"]) for r in pseudo] == [(r["Tweet text"], str(r["ID"])) for r in test]
+    # the ensemble's scores are kept; the rarer class went to the rows it is most confident of, in its training share
+    scored = [json.loads(l) for l in (tmp_path / "distilled_scores" / "predictions_test.jsonl").open()]
+    labels = [r["Label"] for r in train]
+    rare = min(("complaint", "no complaint"), key=labels.count)
+    quota = round(labels.count(rare) / len(labels) * 8)
+    confidence = [torch.tensor(list(p["scores"].values())).log_softmax(0)[list(p["scores"]).index(rare)] for p in scored]
+    most_confident = sorted(range(8), key=lambda i: -float(confidence[i]))[:quota]
+    assert sorted(i for i, r in enumerate(pseudo) if r["Label"] == rare) == sorted(most_confident)
+    assert all(r["Label"] in ("complaint", "no complaint") for r in pseudo)
+    # the file trains as it is: every row is a labelled example of a known class
+    data = Config().data
+    data.text_column, data.label_column = "Tweet text", "Label"
+    table = read_table(str(out))
+    assert len(prepare_split(build_task(data, table), table, data, require_labels=True).rows) == len(train) + 8
+
+    # nothing written is replaced unless asked; other mistakes are named before any model loads
+    before = out.read_text()
+    assert main(["pseudo-label", str(recipe), *adapters, "--out", str(out)]) == 2
+    assert out.read_text() == before
+    assert main(["pseudo-label", str(recipe), *adapters, "--out", str(tmp_path / "labels.txt")]) == 2
+    assert main(["pseudo-label", str(recipe), *adapters, "--out", str(out), "--overwrite"]) == 0
+    assert len(list(csv.DictReader(out.open()))) == len(train) + 10  # every row of test_unlabeled.csv this time
