@@ -9,12 +9,13 @@ scores for the first N rows of test_unlabeled.csv, so that label-free calibratio
 "teacher": {"name": SETTING, "seeds": [...]} (optional: distillation, below)}.
 Every (setting, seed, fold or dev) is one job: train with `python launch/train.py` (same loop as every launcher),
 score the held-out rows with `peft-tuner evaluate`, append one line to --results holding the accuracy and every row's
-class scores (so that seed ensembles are computed later from the file, with no model). Jobs already in --results are skipped: a sweep cut off by --deadline continues where it stopped.
+class scores (so that seed ensembles are computed later from the file, with no model). Jobs already in --results are
+skipped: a sweep cut off by --deadline continues where it stopped.
 With self-training, the model trained on the labelled rows labels test_unlabeled.csv; the N most confident rows (split
 over the classes as in the labelled rows) join the labelled rows and a fresh adapter is trained on them, R times.
 With a teacher, the student of each fold (or of dev) trains on its labelled rows plus every unlabelled row that the
-teacher setting's models of the same fold stored in --results, labelled by their seed ensemble (the rows split over the
-classes as in the labelled rows, the most confident first): the ensemble's knowledge in one adapter.
+teacher setting's models of the same fold stored in --results, labelled by their seed ensemble as `peft-tuner
+pseudo-label` labels rows: the ensemble's knowledge in one adapter.
 `--choose N` then picks, from the CV results alone, the setting to run on dev with N seeds.
 """
 from __future__ import annotations
@@ -121,8 +122,8 @@ class Sweep:
         pseudo_counts = []
         try:
             if setting.get("teacher"):
-                rows, counts = pseudo_label(read_rows(train_csv), self.teacher_scores(setting["teacher"], fold),
-                                            self.unlabelled(), n=None)
+                rows, counts = taught_rows(read_rows(train_csv), self.teacher_scores(setting["teacher"], fold),
+                                           self.unlabelled())
                 pseudo_counts.append(counts)
                 train_csv = write_rows(out / "distilled" / "train.csv", rows)
             adapter = self.train(overrides, train_csv, out / "round0")
@@ -190,11 +191,9 @@ class Sweep:
             raise RuntimeError(f"exit {proc.returncode}: {log}\n" + log.read_text()[-1500:])
 
 
-def pseudo_label(labelled: list[dict], scored: list[dict], unlabelled: dict[str, dict], n: int | None) -> tuple[list[dict], dict]:
-    """The labelled rows plus n unlabelled rows (None: every scored row), split over the classes as the labelled rows
-    are: for each class the rows with the highest probability of that class (normalised over the classes), each row
-    taken once."""
-    n = len(scored) if n is None else n
+def pseudo_label(labelled: list[dict], scored: list[dict], unlabelled: dict[str, dict], n: int) -> tuple[list[dict], dict]:
+    """The labelled rows plus n unlabelled rows, split over the classes as the labelled rows are: for each class the
+    rows with the highest probability of that class (normalised over the classes), each row taken once."""
     share = {c: sum(r["Label"] == c for r in labelled) / len(labelled) for c in dict.fromkeys(r["Label"] for r in labelled)}
     taken, rows, counts = set(), list(labelled), {}
     for c, fraction in sorted(share.items(), key=lambda kv: kv[1]):  # the rarer class picks first
@@ -206,6 +205,20 @@ def pseudo_label(labelled: list[dict], scored: list[dict], unlabelled: dict[str,
         counts[c] = len(best)
         rows += [{**unlabelled[str(p["id"])], "Label": c, "ID": f"u{p['id']}"} for p in best]
     return rows, counts
+
+
+def taught_rows(labelled: list[dict], scored: list[dict], unlabelled: dict[str, dict]) -> tuple[list[dict], dict]:
+    """The labelled rows plus every scored unlabelled row, labelled as `peft-tuner pseudo-label` labels them
+    (peft_tuner.distill.split_by_shares: the classes given out in the labelled rows' shares)."""
+    import torch
+
+    from peft_tuner.distill import split_by_shares
+
+    classes = list(dict.fromkeys(r["Label"] for r in labelled))
+    shares = torch.tensor([sum(r["Label"] == c for r in labelled) / len(labelled) for c in classes])
+    labels = split_by_shares(torch.tensor([[p["scores"][c] for c in classes] for p in scored]), shares)
+    taught = [{**unlabelled[str(p["id"])], "Label": classes[i], "ID": f"u{p['id']}"} for p, i in zip(scored, labels)]
+    return labelled + taught, {c: labels.count(i) for i, c in enumerate(classes)}
 
 
 # -- reading the results ------------------------------------------------------------------------------------------------
