@@ -1,4 +1,4 @@
-"""Verbs after training: merge, evaluate, pseudo-label, generate (and model preparation and the demo, registered by their modules).
+"""Verbs after training: merge, evaluate, pseudo-label, distill, generate (and model preparation and the demo, registered by their modules).
 
 Each reads the config saved beside the adapter or merged model unless a recipe is given; overrides apply on top.
 """
@@ -35,6 +35,19 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="the CSV to write (training rows, then the labelled rows)")
     p.add_argument("--overwrite", action="store_true", help="replace --out and its _scores folder if they exist")
     p.set_defaults(run=_pseudo_label)
+
+    p = sub.add_parser("distill", help="the distillation recipe in one command: teachers (seeds 1..N), their "
+                       "ensemble's labels for unlabelled rows, one student adapter; each evaluated")
+    p.add_argument("items", nargs="*", help="RECIPE.yaml [section.key=value ...]")
+    p.add_argument("--out", required=True, help="folder for the teachers, the labels and the student; a second call "
+                   "with the same settings continues there")
+    p.add_argument("--teachers", type=int, default=3, help="how many teachers (seeds 1..N; default 3)")
+    p.add_argument("--rows", type=int, default=400, help="label the first N rows of data.test_file (default 400)")
+    p.add_argument("--student-epochs", type=int, default=3, help="the student's epochs (default 3)")
+    p.add_argument("--processes", type=int, default=1, help="1: one plain process; N > 1: DeepSpeed ZeRO-2 on N "
+                   "GPUs, or N CPU processes")
+    p.add_argument("--overwrite", action="store_true", help="replace a distillation with other settings in --out")
+    p.set_defaults(run=_distill)
 
     p = sub.add_parser("generate", help="generate text: greedy, beam, sampling, top-k/top-p")
     p.add_argument("items", nargs="*", help="[RECIPE.yaml] [section.key=value ...], e.g. generate.num_beams=4")
@@ -107,6 +120,19 @@ def _pseudo_label(args) -> int:
 
     pseudo_label(config_for(args), args.out, adapter_dir=args.adapter, model_dir=args.model, rows=args.rows,
                  overwrite=args.overwrite)
+    return 0
+
+
+def _distill(args) -> int:
+    from peft_tuner.config import ConfigError
+    from peft_tuner.distill import distill
+
+    items = list(args.items) + list(args.overrides or [])
+    recipes = [i for i in items if i.endswith((".yaml", ".yml")) and "=" not in i]
+    if len(recipes) != 1:
+        raise ConfigError(f"distill: give one recipe YAML (got {recipes or 'none'})")
+    distill(recipes[0], args.out, [i for i in items if i not in recipes], teachers=args.teachers, rows=args.rows,
+            student_epochs=args.student_epochs, processes=args.processes, overwrite=args.overwrite)
     return 0
 
 

@@ -85,19 +85,24 @@ def run_demo(recipe: str | Path = DEFAULT_RECIPE, out_dir: str | Path = "outputs
     return report
 
 
-def train_with_launcher(recipe, overrides: list[str], processes: int, train_dir: Path) -> dict:
-    """The training job under the deepspeed launcher: N GPUs where there are, else N CPU processes."""
+def train_with_launcher(recipe, overrides: list[str], processes: int, train_dir: Path, deepspeed: bool = True) -> dict:
+    """The training job under the deepspeed launcher: N GPUs where there are, else N CPU processes. Without
+    `deepspeed`, one plain process (`python launch/train.py`, the same loop): the quickest on a small CPU."""
     import torch
 
-    launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
-    devices = ["--num_gpus", str(min(processes, torch.cuda.device_count()))] if torch.cuda.is_available() else \
-        ["--num_accelerators", str(processes)]
+    script = [str(ROOT / "launch" / "train.py"), str(recipe), *overrides]
     cores = os.cpu_count() or processes
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, cores // processes))}
-    from peft_tuner.distributed import _free_port
+    if deepspeed:
+        from peft_tuner.distributed import _free_port
 
-    cmd = [launcher, *devices, "--master_port", str(_free_port()), str(ROOT / "launch" / "train.py"), str(recipe),
-           *overrides, "--deepspeed", str(ROOT / "ds_configs" / "zero2.json"), "--overwrite"]
+        launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
+        devices = ["--num_gpus", str(min(processes, torch.cuda.device_count()))] if torch.cuda.is_available() else \
+            ["--num_accelerators", str(processes)]
+        cmd = [launcher, *devices, "--master_port", str(_free_port()), *script,
+               "--deepspeed", str(ROOT / "ds_configs" / "zero2.json"), "--overwrite"]
+    else:
+        cmd = [sys.executable, *script, "--overwrite"]
     proc = subprocess.Popen(cmd, env=env, cwd=Path.cwd(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     for line in proc.stdout:  # show the run's own summary lines as they come; keep the rest for an error message

@@ -7,6 +7,10 @@ data.test_file, and those rows join the labelled training rows in one CSV that a
 The classes are given out in the shares of the training labels: each class, the rarest first, takes its share of the
 rows it is most confident of (probability normalised over the classes), each row once; the most common class takes
 the rest. So a model that leans towards one class does not pass the lean on to its student.
+
+`peft-tuner distill RECIPE.yaml --out DIR` runs the whole recipe in one command: the teachers (the recipe with seeds
+1..N), their labels, the student, and the evaluation of each on data.eval_file; a second call continues where the
+first stopped.
 """
 from __future__ import annotations
 
@@ -35,13 +39,8 @@ def pseudo_label(cfg: Config, out_csv: str | Path, adapter_dir: Optional[str | l
     for path in (out, scores_dir):
         if path.exists() and not overwrite:
             raise ConfigError(f"--out: {path} exists; pass --overwrite to replace it, or choose another --out")
-    if cfg.data.task != "classification":
-        raise ConfigError(f"data.task: pseudo-labels are classes; this recipe's task is '{cfg.data.task}'")
-    if rows is not None and rows < 1:
-        raise ConfigError(f"--rows {rows}: must be at least 1")
-    if not cfg.data.test_file:
-        raise ConfigError("data.test_file: not set; it holds the unlabelled rows to label")
     members = adapter_dir if isinstance(adapter_dir, (list, tuple)) else [adapter_dir]
+    check_inputs(cfg, rows)
     task = load_task(cfg, members[0] or model_dir)
     train = read_table(cfg.data.train_file, "train")
     shares = training_shares(train, task)  # data problems surface before any model loads
@@ -69,6 +68,20 @@ def pseudo_label(cfg: Config, out_csv: str | Path, adapter_dir: Optional[str | l
             "counts": counts, "training_shares": dict(zip(task.class_names, shares.tolist()))}
 
 
+def check_inputs(cfg: Config, rows: Optional[int]) -> None:
+    """What pseudo-labelling needs from a recipe, checked before any model loads (or, for distill, trains)."""
+    from peft_tuner.evaluate import load_task, training_shares
+
+    if cfg.data.task != "classification":
+        raise ConfigError(f"data.task: pseudo-labels are classes; this recipe's task is '{cfg.data.task}'")
+    if rows is not None and rows < 1:
+        raise ConfigError(f"--rows {rows}: must be at least 1")
+    if not cfg.data.test_file:
+        raise ConfigError("data.test_file: not set; it holds the unlabelled rows to label")
+    read_table(cfg.data.test_file, "test")
+    training_shares(read_table(cfg.data.train_file, "train"), load_task(cfg, None))
+
+
 def split_by_shares(scores: torch.Tensor, shares: torch.Tensor) -> list[int]:
     """A class for each row of [rows, classes] scores, the classes given out in `shares`: the rarest class takes the
     round(share x rows) rows it is most confident of, then the next; the most common class takes the rest."""
@@ -81,3 +94,115 @@ def split_by_shares(scores: torch.Tensor, shares: torch.Tensor) -> list[int]:
         for i in sorted(free, key=lambda i: -float(confidence[i, c]))[:quota]:
             labels[i] = c
     return [order[-1] if c < 0 else c for c in labels]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The whole recipe in one command
+
+PLAN_FILE = "distill_plan.json"
+
+
+def distill(recipe: str | Path, out_dir: str | Path, overrides: Optional[list[str]] = None, teachers: int = 3,
+            rows: Optional[int] = 400, student_epochs: int = 3, processes: int = 1, overwrite: bool = False,
+            log=print) -> dict:
+    """Teachers (the recipe, seeds 1..N) -> their ensemble labels the first `rows` rows of data.test_file -> a student
+    (the recipe for `student_epochs` epochs on the labelled and pseudo-labelled rows) -> each evaluated on
+    data.eval_file. A step whose result is in `out_dir` is not run again; `processes` > 1 trains under DeepSpeed ZeRO-2."""
+    import shutil
+    import time
+
+    from peft_tuner.config import load_config
+    from peft_tuner.demo import train_with_launcher
+    from peft_tuner.evaluate import evaluate, load_task
+
+    started = time.time()
+    out = Path(out_dir).resolve()
+    overrides = list(overrides or [])
+    plan = {"recipe": str(Path(recipe).resolve()), "overrides": overrides, "teachers": teachers, "rows": rows,
+            "student_epochs": student_epochs}
+    if teachers < 1 or student_epochs < 1 or processes < 1:
+        raise ConfigError("--teachers, --student-epochs and --processes: each must be at least 1")
+    if out.exists() and any(out.iterdir()):
+        if not (out / PLAN_FILE).is_file():
+            raise ConfigError(f"--out {out}: holds files that distill did not write; choose another folder")
+        if json.loads((out / PLAN_FILE).read_text()) != plan:
+            if not overwrite:
+                raise ConfigError(f"--out {out}: holds a distillation with other settings ({out / PLAN_FILE}); pass "
+                                  "--overwrite to replace it, or choose another folder")
+            shutil.rmtree(out)
+    cfg = load_config(str(recipe), overrides)
+    check_inputs(cfg, rows)  # before hours of training, not after
+    out.mkdir(parents=True, exist_ok=True)
+    (out / PLAN_FILE).write_text(json.dumps(plan, indent=2))
+    deepspeed = processes > 1
+
+    report = {"plan": plan, "teachers": []}
+    fresh = False  # once a step runs again, every step after it runs again too
+    for seed in range(1, teachers + 1):
+        run_dir = out / f"teacher{seed}"
+        if fresh or not (run_dir / "summary.json").is_file():
+            log(f"[teacher {seed}/{teachers}] training with train.seed={seed}")
+            train_with_launcher(recipe, overrides + [f"train.seed={seed}", f"output_dir={run_dir}"], processes, run_dir,
+                                deepspeed=deepspeed)
+            fresh = True
+        else:
+            log(f"[teacher {seed}/{teachers}] kept: {run_dir}")
+        report["teachers"].append(_trained(run_dir))
+    adapters = [t["adapter"] for t in report["teachers"]]
+
+    distilled = out / "distilled.csv"
+    if fresh or not distilled.is_file():
+        log(f"[labels] the {teachers} teachers as one ensemble label {rows or 'all'} rows of {cfg.data.test_file}")
+        report["labels"] = pseudo_label(cfg, distilled, adapters, rows=rows, overwrite=True)
+        fresh = True
+    else:
+        log(f"[labels] kept: {distilled}")
+
+    student_dir = out / "student"
+    if fresh or not (student_dir / "summary.json").is_file():
+        log(f"[student] training on {distilled} for {student_epochs} epochs")
+        task = load_task(cfg, adapters[0])  # the CSV names its columns as the teachers' data did; say which is which
+        student = [f"data.train_file={distilled}", f"data.text_column={task.text_column}",
+                   f"data.label_column={task.label_column}", f"train.epochs={student_epochs}", f"output_dir={student_dir}"]
+        train_with_launcher(recipe, overrides + student, processes, student_dir, deepspeed=deepspeed)
+    else:
+        log(f"[student] kept: {student_dir}")
+    report["student"] = _trained(student_dir)
+
+    if cfg.data.eval_file:
+        log(f"[evaluate] each teacher, their ensemble and the student on {cfg.data.eval_file}")
+        for member in report["teachers"] + [report["student"]]:
+            member["eval"] = _scores(evaluate(cfg, Path(member["adapter"]).parent / "eval", split="eval",
+                                              adapter_dir=member["adapter"], quiet=True))
+        if teachers > 1:
+            report["ensemble_eval"] = _scores(evaluate(cfg, out / "ensemble_eval", split="eval", adapter_dir=adapters,
+                                                       method="rank", quiet=True))
+    report["wall_seconds"] = round(time.time() - started, 1)
+    (out / "distill_report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    log(format_distill_report(report))
+    return report
+
+
+def _trained(run_dir: Path) -> dict:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return {"adapter": summary["adapter_dir"], "train_seconds": summary["train_seconds"], "steps": summary.get("steps_done")}
+
+
+def _scores(metrics: dict) -> dict:
+    return {k: metrics[k] for k in ("accuracy", "macro_f1", "n") if k in metrics}
+
+
+def format_distill_report(report: dict) -> str:
+    def line(name: str, member: dict) -> str:
+        scores = member.get("eval") or {}
+        figures = f"accuracy {scores['accuracy']:.4f}, macro-F1 {scores['macro_f1']:.4f}" if "accuracy" in scores else "not evaluated"
+        seconds = f"{member['train_seconds']} s" if "train_seconds" in member else "-"
+        return f"| {name} | {figures} | {seconds} | {member.get('adapter', '-')} |"
+
+    rows = [line(f"teacher {i}", t) for i, t in enumerate(report["teachers"], 1)]
+    if "ensemble_eval" in report:
+        rows.append(line(f"the {len(report['teachers'])} teachers as one ensemble", {"eval": report["ensemble_eval"]}))
+    rows.append(line("**student**", report["student"]))
+    return "\n".join(["", "| model | on data.eval_file | training | adapter |", "|---|---|---|---|", *rows, "",
+                      f"distill wall time (this call) {report['wall_seconds']} s; the student is one adapter: "
+                      f"{report['student']['adapter']}"])

@@ -5,9 +5,11 @@ from __future__ import annotations
 import csv
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from conftest import launch_command, run, write_recipe
 from peft_tuner.config import Config, ConfigError, ModelConfig, PeftSettings
@@ -310,3 +312,38 @@ def test_pseudo_label_writes_the_training_rows_then_the_labelled_test_rows(tiny_
     assert main(["pseudo-label", str(recipe), *adapters, "--out", str(tmp_path / "labels.txt")]) == 2
     assert main(["pseudo-label", str(recipe), *adapters, "--out", str(out), "--overwrite"]) == 0
     assert len(list(csv.DictReader(out.open()))) == len(train) + 10  # every row of test_unlabeled.csv this time
+
+
+def test_distill_trains_teachers_labels_and_a_student_then_continues_where_it_stopped(tiny_models, tmp_path, data_dir, capsys):
+    from peft_tuner.cli import main
+
+    raft = data_dir / "raft"
+    recipe = write_recipe(tmp_path / "recipe.yaml", tiny_models["llama"], raft, tmp_path / "unused",
+                          data={"test_file": str(raft), "eval_file": str(raft / "dev.csv")}, train={"epochs": 1})
+    out = tmp_path / "distill"
+    args = ["distill", str(recipe), "--out", str(out), "--teachers", "2", "--rows", "6", "--student-epochs", "2"]
+    assert main(args) == 0
+    report = json.loads((out / "distill_report.json").read_text())
+    assert [Path(t["adapter"]) for t in report["teachers"]] == [out / "teacher1" / "adapter", out / "teacher2" / "adapter"]
+    assert [yaml.safe_load((out / f"teacher{s}" / "run_config.yaml").read_text())["train"]["seed"] for s in (1, 2)] == [1, 2]
+    train_rows = len(read_table(str(raft / "train.csv")).rows)
+    assert len(list(csv.DictReader((out / "distilled.csv").open()))) == train_rows + 6 == report["labels"]["training_rows"] + 6
+    student = json.loads((out / "student" / "summary.json").read_text())
+    # 2 epochs over the training rows and the 6 labelled ones, 4 to a batch
+    assert student["steps_done"] == 2 * -(-(train_rows + 6) // 4) and Path(student["adapter_dir"]) == out / "student" / "adapter"
+    metrics = json.loads((out / "student" / "eval" / "metrics_eval.json").read_text())
+    assert report["student"]["eval"]["accuracy"] == metrics["accuracy"] and metrics["n"] == 8
+    assert report["ensemble_eval"]["n"] == 8
+    assert f"accuracy {metrics['accuracy']:.4f}" in capsys.readouterr().out
+
+    # a second call with the same settings trains nothing again; other settings are refused, then replaced on request
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/summary.json")}
+    assert main(args) == 0
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/summary.json")} == stamps
+    assert "kept" in capsys.readouterr().out
+    assert main(args[:-1] + ["3"]) == 2 and json.loads((out / "student" / "summary.json").read_text()) == student
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    assert main(["distill", str(recipe), "--out", str(tmp_path / "mine")]) == 2
+    assert main(["distill", str(recipe), "--out", str(tmp_path / "text"), "data.task=text"]) == 2  # before any training
+    assert not (tmp_path / "text").exists()
