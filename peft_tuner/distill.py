@@ -62,10 +62,19 @@ def pseudo_label(cfg: Config, out_csv: str | Path, adapter_dir: Optional[str | l
         writer.writerows(train.rows)
         writer.writerows(labelled_rows)
     counts = {name: labels.count(i) for i, name in enumerate(task.class_names)}
+    train_with = student_overrides(task, out)
     print(f"pseudo-label | {len(train.rows)} training rows + {len(labelled_rows)} rows of {cfg.data.test_file} labelled "
-          f"({', '.join(f'{n} {c}' for c, n in counts.items())}) -> {out} | scores: {scores_dir}")
+          f"({', '.join(f'{n} {c}' for c, n in counts.items())}) -> {out} | scores: {scores_dir}\n"
+          f"train a student on it with: {' '.join(repr(o) if ' ' in o else o for o in train_with)}")
     return {"out": str(out), "scores": str(scores_dir), "training_rows": len(train.rows), "pseudo_rows": len(labelled_rows),
-            "counts": counts, "training_shares": dict(zip(task.class_names, shares.tolist()))}
+            "counts": counts, "training_shares": dict(zip(task.class_names, shares.tolist())), "train_with": train_with}
+
+
+def student_overrides(task, distilled_csv: str | Path) -> list[str]:
+    """Overrides that train on the pseudo-labelled CSV: a plain CSV does not say which column is the text and which the
+    label (a RAFT folder's task.json did), so they are named."""
+    return [f"data.train_file={distilled_csv}", f"data.text_column={task.text_column}",
+            f"data.label_column={task.label_column}"]
 
 
 def check_inputs(cfg: Config, rows: Optional[int]) -> None:
@@ -161,10 +170,9 @@ def distill(recipe: str | Path, out_dir: str | Path, overrides: Optional[list[st
     student_dir = out / "student"
     if fresh or not (student_dir / "summary.json").is_file():
         log(f"[student] training on {distilled} for {student_epochs} epochs")
-        task = load_task(cfg, adapters[0])  # the CSV names its columns as the teachers' data did; say which is which
-        student = [f"data.train_file={distilled}", f"data.text_column={task.text_column}",
-                   f"data.label_column={task.label_column}", f"train.epochs={student_epochs}", f"output_dir={student_dir}"]
-        train_with_launcher(recipe, overrides + student, processes, student_dir, deepspeed=deepspeed)
+        student = student_overrides(load_task(cfg, adapters[0]), distilled)
+        train_with_launcher(recipe, overrides + student + [f"train.epochs={student_epochs}", f"output_dir={student_dir}"],
+                            processes, student_dir, deepspeed=deepspeed)
     else:
         log(f"[student] kept: {student_dir}")
     report["student"] = _trained(student_dir)

@@ -271,7 +271,7 @@ def test_split_by_shares_gives_out_the_training_shares_most_confident_first():
     assert split_by_shares(scores, torch.tensor([0.2, 0.6, 0.2])) == [2, 1, 0, 1, 1]
 
 
-def test_pseudo_label_writes_the_training_rows_then_the_labelled_test_rows(tiny_models, tmp_path, data_dir):
+def test_pseudo_label_writes_the_training_rows_then_the_labelled_test_rows(tiny_models, tmp_path, data_dir, capsys):
     from peft_tuner.cli import main
 
     adapters = []
@@ -283,6 +283,8 @@ def test_pseudo_label_writes_the_training_rows_then_the_labelled_test_rows(tiny_
                           data={"test_file": str(raft)})
     out = tmp_path / "distilled.csv"
     assert main(["pseudo-label", str(recipe), *adapters, "--rows", "8", "--out", str(out)]) == 0
+    # the recipe's columns came from the RAFT folder's task.json; the CSV does not say them, so the hint names them
+    assert f"data.train_file={out} 'data.text_column=Tweet text' data.label_column=Label" in capsys.readouterr().out
 
     train = read_table(str(raft / "train.csv")).rows
     test = read_table(str(raft / "test_unlabeled.csv")).rows[:8]
