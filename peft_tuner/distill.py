@@ -127,8 +127,10 @@ def distill(recipe: str | Path, out_dir: str | Path, overrides: Optional[list[st
     started = time.time()
     out = Path(out_dir).resolve()
     overrides = list(overrides or [])
-    plan = {"recipe": str(Path(recipe).resolve()), "overrides": overrides, "teachers": teachers, "rows": rows,
-            "student_epochs": student_epochs}
+    if not Path(recipe).is_file():
+        raise ConfigError(f"{recipe}: no such recipe file")
+    plan = {"recipe": str(Path(recipe).resolve()), "recipe_text": Path(recipe).read_text(), "overrides": overrides,
+            "teachers": teachers, "rows": rows, "student_epochs": student_epochs}  # an edited recipe is other settings
     if teachers < 1 or student_epochs < 1 or processes < 1:
         raise ConfigError("--teachers, --student-epochs and --processes: each must be at least 1")
     if out.exists() and any(out.iterdir()):
