@@ -41,9 +41,9 @@ def register(sub) -> None:
     p.add_argument("items", nargs="*", help="RECIPE.yaml [section.key=value ...]")
     p.add_argument("--out", required=True, help="folder for the teachers, the labels and the student; a second call "
                    "with the same settings continues there")
-    p.add_argument("--teachers", type=int, default=3, help="how many teachers (seeds 1..N; default 3)")
-    p.add_argument("--rows", type=int, default=400, help="label the first N rows of data.test_file (default 400)")
-    p.add_argument("--student-epochs", type=int, default=3, help="the student's epochs (default 3)")
+    p.add_argument("--teachers", type=int, help="how many teachers, seeds 1..N (default: distill.teachers, 3)")
+    p.add_argument("--rows", type=int, help="label the first N rows of data.test_file (default: distill.rows, 400)")
+    p.add_argument("--student-epochs", type=int, help="the student's epochs (default: distill.student_epochs, 3)")
     p.add_argument("--processes", type=int, default=1, help="1: one plain process; N > 1: DeepSpeed ZeRO-2 on N "
                    "GPUs, or N CPU processes")
     p.add_argument("--overwrite", action="store_true", help="replace a distillation with other settings in --out")
@@ -131,8 +131,9 @@ def _distill(args) -> int:
     recipes = [i for i in items if i.endswith((".yaml", ".yml")) and "=" not in i]
     if len(recipes) != 1:
         raise ConfigError(f"distill: give one recipe YAML (got {recipes or 'none'})")
-    distill(recipes[0], args.out, [i for i in items if i not in recipes], teachers=args.teachers, rows=args.rows,
-            student_epochs=args.student_epochs, processes=args.processes, overwrite=args.overwrite)
+    flags = {"teachers": args.teachers, "rows": args.rows, "student_epochs": args.student_epochs}
+    overrides = [i for i in items if i not in recipes] + [f"distill.{k}={v}" for k, v in flags.items() if v is not None]
+    distill(recipes[0], args.out, overrides, processes=args.processes, overwrite=args.overwrite)
     return 0
 
 

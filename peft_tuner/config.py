@@ -115,6 +115,13 @@ class GenerateConfig:
 
 
 @dataclass
+class DistillConfig:
+    teachers: int = _help(3, "`peft-tuner distill`: how many teachers, the recipe trained with seeds 1..N.")
+    rows: Optional[int] = _help(400, "`peft-tuner distill`: the first N rows of data.test_file that the teachers' ensemble labels (null: all).")
+    student_epochs: int = _help(3, "`peft-tuner distill`: the student's epochs over the labelled and pseudo-labelled rows.")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -122,6 +129,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     deepspeed: Optional[str] = _help(None, "DeepSpeed JSON config (ds_configs/zero2.json ...); its 'auto' values come from this recipe.")
     output_dir: str = _help("outputs/run", "Where the adapter, logs and checkpoints go.")
 
@@ -336,6 +344,9 @@ def validate(cfg: Config) -> list[str]:
           "generate.num_return_sequences: greedy decoding returns one sequence; raise generate.num_beams or set generate.do_sample=true")
     check(cfg.generate.temperature > 0, "generate.temperature: must be positive")
     check(0 < cfg.generate.top_p <= 1, "generate.top_p: must be in (0, 1]")
+    check(cfg.distill.teachers >= 1, "distill.teachers: must be at least 1")
+    check(cfg.distill.rows is None or cfg.distill.rows >= 1, "distill.rows: must be at least 1 (null: every row)")
+    check(cfg.distill.student_epochs >= 1, "distill.student_epochs: must be at least 1")
     if cfg.data.prompt_template is not None:
         check("{" in cfg.data.prompt_template, "data.prompt_template: name at least one column in braces, e.g. '{Tweet text}'")
     return problems

@@ -111,12 +111,12 @@ def split_by_shares(scores: torch.Tensor, shares: torch.Tensor) -> list[int]:
 PLAN_FILE = "distill_plan.json"
 
 
-def distill(recipe: str | Path, out_dir: str | Path, overrides: Optional[list[str]] = None, teachers: int = 3,
-            rows: Optional[int] = 400, student_epochs: int = 3, processes: int = 1, overwrite: bool = False,
-            log=print) -> dict:
-    """Teachers (the recipe, seeds 1..N) -> their ensemble labels the first `rows` rows of data.test_file -> a student
-    (the recipe for `student_epochs` epochs on the labelled and pseudo-labelled rows) -> each evaluated on
-    data.eval_file. A step whose result is in `out_dir` is not run again; `processes` > 1 trains under DeepSpeed ZeRO-2."""
+def distill(recipe: str | Path, out_dir: str | Path, overrides: Optional[list[str]] = None, processes: int = 1,
+            overwrite: bool = False, log=print) -> dict:
+    """Teachers (the recipe, seeds 1..distill.teachers) -> their ensemble labels the first distill.rows rows of
+    data.test_file -> a student (the recipe for distill.student_epochs epochs on the labelled and pseudo-labelled rows)
+    -> each evaluated on data.eval_file. A step whose result is in `out_dir` is not run again; `processes` > 1 trains
+    under DeepSpeed ZeRO-2."""
     import shutil
     import time
 
@@ -129,10 +129,12 @@ def distill(recipe: str | Path, out_dir: str | Path, overrides: Optional[list[st
     overrides = list(overrides or [])
     if not Path(recipe).is_file():
         raise ConfigError(f"{recipe}: no such recipe file")
+    if processes < 1:
+        raise ConfigError(f"--processes {processes}: must be at least 1")
+    cfg = load_config(str(recipe), overrides)
+    teachers, rows, student_epochs = cfg.distill.teachers, cfg.distill.rows, cfg.distill.student_epochs
     plan = {"recipe": str(Path(recipe).resolve()), "recipe_text": Path(recipe).read_text(), "overrides": overrides,
             "teachers": teachers, "rows": rows, "student_epochs": student_epochs}  # an edited recipe is other settings
-    if teachers < 1 or student_epochs < 1 or processes < 1:
-        raise ConfigError("--teachers, --student-epochs and --processes: each must be at least 1")
     if out.exists() and any(out.iterdir()):
         if not (out / PLAN_FILE).is_file():
             raise ConfigError(f"--out {out}: holds files that distill did not write; choose another folder")
@@ -141,7 +143,6 @@ def distill(recipe: str | Path, out_dir: str | Path, overrides: Optional[list[st
                 raise ConfigError(f"--out {out}: holds a distillation with other settings ({out / PLAN_FILE}); pass "
                                   "--overwrite to replace it, or choose another folder")
             shutil.rmtree(out)
-    cfg = load_config(str(recipe), overrides)
     check_inputs(cfg, rows)  # before hours of training, not after
     out.mkdir(parents=True, exist_ok=True)
     (out / PLAN_FILE).write_text(json.dumps(plan, indent=2))

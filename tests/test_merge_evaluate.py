@@ -321,9 +321,10 @@ def test_distill_trains_teachers_labels_and_a_student_then_continues_where_it_st
 
     raft = data_dir / "raft"
     recipe = write_recipe(tmp_path / "recipe.yaml", tiny_models["llama"], raft, tmp_path / "unused",
-                          data={"test_file": str(raft), "eval_file": str(raft / "dev.csv")}, train={"epochs": 1})
+                          data={"test_file": str(raft), "eval_file": str(raft / "dev.csv")}, train={"epochs": 1},
+                          distill={"teachers": 2, "rows": 6, "student_epochs": 5})
     out = tmp_path / "distill"
-    args = ["distill", str(recipe), "--out", str(out), "--teachers", "2", "--rows", "6", "--student-epochs", "2"]
+    args = ["distill", str(recipe), "--out", str(out), "--student-epochs", "2"]  # the recipe's distill section, a flag on top
     assert main(args) == 0
     report = json.loads((out / "distill_report.json").read_text())
     assert [Path(t["adapter"]) for t in report["teachers"]] == [out / "teacher1" / "adapter", out / "teacher2" / "adapter"]
