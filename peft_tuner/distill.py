@@ -162,13 +162,15 @@ def distill(recipe: str | Path, out_dir: str | Path, overrides: Optional[list[st
         report["teachers"].append(_trained(run_dir))
     adapters = [t["adapter"] for t in report["teachers"]]
 
-    distilled = out / "distilled.csv"
-    if fresh or not distilled.is_file():
+    distilled, labels_file = out / "distilled.csv", out / "labels.json"
+    if fresh or not labels_file.is_file():  # labels.json is written last: its presence means the CSV is whole
         log(f"[labels] the {teachers} teachers as one ensemble label {rows or 'all'} rows of {cfg.data.test_file}")
-        report["labels"] = pseudo_label(cfg, distilled, adapters, rows=rows, overwrite=True)
+        labels_file.unlink(missing_ok=True)
+        labels_file.write_text(json.dumps(pseudo_label(cfg, distilled, adapters, rows=rows, overwrite=True), indent=2))
         fresh = True
     else:
         log(f"[labels] kept: {distilled}")
+    report["labels"] = json.loads(labels_file.read_text())
 
     student_dir = out / "student"
     if fresh or not (student_dir / "summary.json").is_file():

@@ -344,6 +344,7 @@ def test_distill_trains_teachers_labels_and_a_student_then_continues_where_it_st
     assert main(args) == 0
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/summary.json")} == stamps
     assert "kept" in capsys.readouterr().out
+    assert json.loads((out / "distill_report.json").read_text())["labels"] == report["labels"]
     assert main(args[:-1] + ["3"]) == 2 and json.loads((out / "student" / "summary.json").read_text()) == student
     recipe.write_text(recipe.read_text().replace("learning_rate: 0.05", "learning_rate: 0.01"))
     assert main(args) == 2  # the recipe was edited: other settings too
