@@ -1,4 +1,4 @@
-"""`peft-tuner train | merge | evaluate | generate | prepare-model | convert-gguf | make-tiny-model | demo`.
+"""`peft-tuner train | merge | evaluate | pseudo-label | distill | generate | prepare-model | convert-gguf | make-tiny-model | demo`.
 
 Every verb takes a recipe YAML and `section.key=value` overrides; a user mistake prints one message and exits 2.
 """
