@@ -85,12 +85,14 @@ def run_demo(recipe: str | Path = DEFAULT_RECIPE, out_dir: str | Path = "outputs
     return report
 
 
-def train_with_launcher(recipe, overrides: list[str], processes: int, train_dir: Path, deepspeed: bool = True) -> dict:
+def train_with_launcher(recipe, overrides: list[str], processes: int, train_dir: Path, deepspeed: bool = True,
+                        resume: bool = False) -> dict:
     """The training job under the deepspeed launcher: N GPUs where there are, else N CPU processes. Without
-    `deepspeed`, one plain process (`python launch/train.py`, the same loop): the quickest on a small CPU."""
+    `deepspeed`, one plain process (`python launch/train.py`, the same loop): the quickest on a small CPU. With
+    `resume`, it continues from train_dir's newest checkpoint; else a run already in train_dir is replaced."""
     import torch
 
-    script = [str(ROOT / "launch" / "train.py"), str(recipe), *overrides]
+    script = [str(ROOT / "launch" / "train.py"), str(recipe), *overrides, "--resume" if resume else "--overwrite"]
     cores = os.cpu_count() or processes
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, cores // processes))}
     if deepspeed:
@@ -100,9 +102,9 @@ def train_with_launcher(recipe, overrides: list[str], processes: int, train_dir:
         devices = ["--num_gpus", str(min(processes, torch.cuda.device_count()))] if torch.cuda.is_available() else \
             ["--num_accelerators", str(processes)]
         cmd = [launcher, *devices, "--master_port", str(_free_port()), *script,
-               "--deepspeed", str(ROOT / "ds_configs" / "zero2.json"), "--overwrite"]
+               "--deepspeed", str(ROOT / "ds_configs" / "zero2.json")]
     else:
-        cmd = [sys.executable, *script, "--overwrite"]
+        cmd = [sys.executable, *script]
     proc = subprocess.Popen(cmd, env=env, cwd=Path.cwd(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     for line in proc.stdout:  # show the run's own summary lines as they come; keep the rest for an error message

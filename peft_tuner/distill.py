@@ -22,6 +22,7 @@ from typing import Optional
 
 import torch
 
+from peft_tuner.checkpoint import CHECKPOINT_DIR
 from peft_tuner.config import Config, ConfigError
 from peft_tuner.data import prepare_split, read_table
 
@@ -148,38 +149,39 @@ def distill(recipe: str | Path, out_dir: str | Path, overrides: Optional[list[st
     (out / PLAN_FILE).write_text(json.dumps(plan, indent=2))
     deepspeed = processes > 1
 
+    def train_once(name: str, run_dir: Path, run_overrides: list[str], again: bool) -> bool:
+        """Train unless run_dir holds the finished run (and nothing it was trained from changed): continue from its
+        newest checkpoint if an interrupted call left one. True if it trained."""
+        if (run_dir / "summary.json").is_file() and not again:
+            log(f"[{name}] kept: {run_dir}")
+            return False
+        resume = not again and (run_dir / CHECKPOINT_DIR / "latest").is_file()
+        log(f"[{name}] " + (f"continuing from its newest checkpoint in {run_dir}" if resume else f"training in {run_dir}"))
+        train_with_launcher(recipe, overrides + run_overrides + [f"output_dir={run_dir}"], processes, run_dir,
+                            deepspeed=deepspeed, resume=resume)
+        return True
+
     report = {"plan": plan, "teachers": []}
-    fresh = False  # once a step runs again, every step after it runs again too
+    retrained = False  # the teachers are independent; the labels depend on all of them, the student on the labels
     for seed in range(1, teachers + 1):
         run_dir = out / f"teacher{seed}"
-        if fresh or not (run_dir / "summary.json").is_file():
-            log(f"[teacher {seed}/{teachers}] training with train.seed={seed}")
-            train_with_launcher(recipe, overrides + [f"train.seed={seed}", f"output_dir={run_dir}"], processes, run_dir,
-                                deepspeed=deepspeed)
-            fresh = True
-        else:
-            log(f"[teacher {seed}/{teachers}] kept: {run_dir}")
+        retrained |= train_once(f"teacher {seed}/{teachers}, train.seed={seed}", run_dir, [f"train.seed={seed}"], again=False)
         report["teachers"].append(_trained(run_dir))
     adapters = [t["adapter"] for t in report["teachers"]]
 
     distilled, labels_file = out / "distilled.csv", out / "labels.json"
-    if fresh or not labels_file.is_file():  # labels.json is written last: its presence means the CSV is whole
+    relabelled = retrained or not labels_file.is_file()  # labels.json is written last: there, the CSV is whole
+    if relabelled:
         log(f"[labels] the {teachers} teachers as one ensemble label {rows or 'all'} rows of {cfg.data.test_file}")
         labels_file.unlink(missing_ok=True)
         labels_file.write_text(json.dumps(pseudo_label(cfg, distilled, adapters, rows=rows, overwrite=True), indent=2))
-        fresh = True
     else:
         log(f"[labels] kept: {distilled}")
     report["labels"] = json.loads(labels_file.read_text())
 
     student_dir = out / "student"
-    if fresh or not (student_dir / "summary.json").is_file():
-        log(f"[student] training on {distilled} for {student_epochs} epochs")
-        student = student_overrides(load_task(cfg, adapters[0]), distilled)
-        train_with_launcher(recipe, overrides + student + [f"train.epochs={student_epochs}", f"output_dir={student_dir}"],
-                            processes, student_dir, deepspeed=deepspeed)
-    else:
-        log(f"[student] kept: {student_dir}")
+    student = student_overrides(load_task(cfg, adapters[0]), distilled) + [f"train.epochs={student_epochs}"]
+    train_once(f"student, {student_epochs} epochs on {distilled.name}", student_dir, student, again=relabelled)
     report["student"] = _trained(student_dir)
 
     if cfg.data.eval_file:

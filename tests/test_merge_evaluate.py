@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import launch_command, run, write_recipe
+from conftest import launch_command, records, run, summary, write_recipe
 from peft_tuner.config import Config, ConfigError, ModelConfig, PeftSettings
 from peft_tuner.data import DataError, Encoder, build_task, prepare_split, read_table
 from peft_tuner.evaluate import (CandidateTree, classification_metrics, prior_offsets, rank_scores, takes_tree_mask,
@@ -316,16 +316,25 @@ def test_pseudo_label_writes_the_training_rows_then_the_labelled_test_rows(tiny_
     assert len(list(csv.DictReader(out.open()))) == len(train) + 10  # every row of test_unlabeled.csv this time
 
 
-def test_distill_trains_teachers_labels_and_a_student_then_continues_where_it_stopped(tiny_models, tmp_path, data_dir, capsys):
+def test_distill_trains_teachers_labels_and_a_student_then_continues_where_it_stopped(tiny_models, tmp_path, data_dir,
+                                                                                     capsys, monkeypatch):
     from peft_tuner.cli import main
 
     raft = data_dir / "raft"
     recipe = write_recipe(tmp_path / "recipe.yaml", tiny_models["llama"], raft, tmp_path / "unused",
-                          data={"test_file": str(raft), "eval_file": str(raft / "dev.csv")}, train={"epochs": 1},
-                          distill={"teachers": 2, "rows": 6, "student_epochs": 5})
+                          data={"test_file": str(raft), "eval_file": str(raft / "dev.csv")},
+                          train={"epochs": 1, "checkpoint_steps": 2}, distill={"teachers": 2, "rows": 6, "student_epochs": 5})
     out = tmp_path / "distill"
     args = ["distill", str(recipe), "--out", str(out), "--student-epochs", "2"]  # the recipe's distill section, a flag on top
+    # the first teacher dies after its 3rd of 4 steps; the next call continues it from its step-2 checkpoint
+    monkeypatch.setenv("PEFT_TUNER_KILL_AT", "after_step:3")
+    with pytest.raises(RuntimeError, match="training failed"):
+        main(args)
+    monkeypatch.delenv("PEFT_TUNER_KILL_AT")
+    assert not (out / "teacher2").exists()
     assert main(args) == 0
+    assert [r["start_step"] for r in records(out / "teacher1") if r["event"] == "start"] == [0, 2]
+    assert summary(out / "teacher1")["steps_done"] == 4
     report = json.loads((out / "distill_report.json").read_text())
     assert [Path(t["adapter"]) for t in report["teachers"]] == [out / "teacher1" / "adapter", out / "teacher2" / "adapter"]
     assert [yaml.safe_load((out / f"teacher{s}" / "run_config.yaml").read_text())["train"]["seed"] for s in (1, 2)] == [1, 2]
