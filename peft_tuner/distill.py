@@ -54,28 +54,30 @@ def pseudo_label(cfg: Config, out_csv: str | Path, adapter_dir: Optional[str | l
     scores = torch.tensor([[p["scores"][c] for c in task.class_names] for p in predictions])
     labels = split_by_shares(scores, shares)
 
+    train_rows = train.rows[: cfg.data.max_rows]  # the rows the adapters were trained on
     labelled_rows = [{**unlabelled[p["index"]], task.label_column: task.class_names[c]} for p, c in zip(predictions, labels)]
     columns = list(dict.fromkeys(list(train.columns) + [c for r in labelled_rows for c in r]))
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(train.rows)
+        writer.writerows(train_rows)
         writer.writerows(labelled_rows)
     counts = {name: labels.count(i) for i, name in enumerate(task.class_names)}
-    train_with = student_overrides(task, out)
-    print(f"pseudo-label | {len(train.rows)} training rows + {len(labelled_rows)} rows of {cfg.data.test_file} labelled "
+    train_with = student_overrides(task, out, cfg.data.max_rows)
+    print(f"pseudo-label | {len(train_rows)} training rows + {len(labelled_rows)} rows of {cfg.data.test_file} labelled "
           f"({', '.join(f'{n} {c}' for c, n in counts.items())}) -> {out} | scores: {scores_dir}\n"
           f"train a student on it with: {' '.join(repr(o) if ' ' in o else o for o in train_with)}")
-    return {"out": str(out), "scores": str(scores_dir), "training_rows": len(train.rows), "pseudo_rows": len(labelled_rows),
+    return {"out": str(out), "scores": str(scores_dir), "training_rows": len(train_rows), "pseudo_rows": len(labelled_rows),
             "counts": counts, "training_shares": dict(zip(task.class_names, shares.tolist())), "train_with": train_with}
 
 
-def student_overrides(task, distilled_csv: str | Path) -> list[str]:
+def student_overrides(task, distilled_csv: str | Path, max_rows: Optional[int] = None) -> list[str]:
     """Overrides that train on the pseudo-labelled CSV: a plain CSV does not say which column is the text and which the
-    label (a RAFT folder's task.json did), so they are named."""
+    label (a RAFT folder's task.json did), so they are named; and data.max_rows, which cut the teachers' training rows
+    (the CSV holds just those), would cut the pseudo-labelled rows off the end of the CSV, so it goes."""
     return [f"data.train_file={distilled_csv}", f"data.text_column={task.text_column}",
-            f"data.label_column={task.label_column}"]
+            f"data.label_column={task.label_column}"] + (["data.max_rows=null"] if max_rows else [])
 
 
 def check_inputs(cfg: Config, rows: Optional[int]) -> None:
@@ -180,7 +182,7 @@ def distill(recipe: str | Path, out_dir: str | Path, overrides: Optional[list[st
     report["labels"] = json.loads(labels_file.read_text())
 
     student_dir = out / "student"
-    student = student_overrides(load_task(cfg, adapters[0]), distilled) + [f"train.epochs={student_epochs}"]
+    student = student_overrides(load_task(cfg, adapters[0]), distilled, cfg.data.max_rows) + [f"train.epochs={student_epochs}"]
     train_once(f"student, {student_epochs} epochs on {distilled.name}", student_dir, student, again=relabelled)
     report["student"] = _trained(student_dir)
 

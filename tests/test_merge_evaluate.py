@@ -314,6 +314,11 @@ def test_pseudo_label_writes_the_training_rows_then_the_labelled_test_rows(tiny_
     assert main(["pseudo-label", str(recipe), *adapters, "--out", str(tmp_path / "labels.txt")]) == 2
     assert main(["pseudo-label", str(recipe), *adapters, "--out", str(out), "--overwrite"]) == 0
     assert len(list(csv.DictReader(out.open()))) == len(train) + 10  # every row of test_unlabeled.csv this time
+    # data.max_rows cut the adapters' training rows: the CSV holds just those, and the hint lifts the cut for the student
+    capsys.readouterr()
+    assert main(["pseudo-label", str(recipe), "data.max_rows=5", *adapters, "--out", str(out), "--overwrite"]) == 0
+    assert [r["Tweet text"] for r in csv.DictReader(out.open())][:6] == [r["Tweet text"] for r in train[:5]] + [test[0]["Tweet text"]]
+    assert "data.label_column=Label data.max_rows=null" in capsys.readouterr().out
 
 
 def test_distill_trains_teachers_labels_and_a_student_then_continues_where_it_stopped(tiny_models, tmp_path, data_dir,
