@@ -72,6 +72,13 @@ def _add_model_flags(p, ensemble: bool = False) -> None:
     p.add_argument("--base", help="base model instead of the configured one")
 
 
+def recipes_and_overrides(args) -> tuple[list[str], list[str]]:
+    """The positional items split into recipe YAMLs and section.key=value overrides."""
+    items = list(args.items) + list(getattr(args, "overrides", []) or [])
+    recipes = [i for i in items if i.endswith((".yaml", ".yml")) and "=" not in i]
+    return recipes, [i for i in items if i not in recipes]
+
+
 def config_for(args):
     """Recipe if given, else the config saved beside the adapter / merged model; overrides on top."""
     import yaml
@@ -79,9 +86,7 @@ def config_for(args):
     from peft_tuner.checkpoint import ADAPTER_CONFIG_FILE
     from peft_tuner.config import ConfigError, load_config
 
-    items = list(args.items) + list(getattr(args, "overrides", []) or [])
-    recipes = [i for i in items if i.endswith((".yaml", ".yml")) and "=" not in i]
-    overrides = [i for i in items if i not in recipes]
+    recipes, overrides = recipes_and_overrides(args)
     if getattr(args, "base", None):
         overrides.append(f"model.name_or_path={args.base}")
     if len(recipes) > 1:
@@ -127,12 +132,11 @@ def _distill(args) -> int:
     from peft_tuner.config import ConfigError
     from peft_tuner.distill import distill
 
-    items = list(args.items) + list(args.overrides or [])
-    recipes = [i for i in items if i.endswith((".yaml", ".yml")) and "=" not in i]
+    recipes, overrides = recipes_and_overrides(args)
     if len(recipes) != 1:
         raise ConfigError(f"distill: give one recipe YAML (got {recipes or 'none'})")
     flags = {"teachers": args.teachers, "rows": args.rows, "student_epochs": args.student_epochs}
-    overrides = [i for i in items if i not in recipes] + [f"distill.{k}={v}" for k, v in flags.items() if v is not None]
+    overrides += [f"distill.{k}={v}" for k, v in flags.items() if v is not None]
     distill(recipes[0], args.out, overrides, processes=args.processes, overwrite=args.overwrite)
     return 0
 

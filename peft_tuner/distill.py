@@ -24,7 +24,7 @@ import torch
 
 from peft_tuner.checkpoint import CHECKPOINT_DIR
 from peft_tuner.config import Config, ConfigError
-from peft_tuner.data import prepare_split, read_table
+from peft_tuner.data import build_task, prepare_split, read_table
 
 
 def pseudo_label(cfg: Config, out_csv: str | Path, adapter_dir: Optional[str | list[str]] = None,
@@ -41,10 +41,9 @@ def pseudo_label(cfg: Config, out_csv: str | Path, adapter_dir: Optional[str | l
         if path.exists() and not overwrite:
             raise ConfigError(f"--out: {path} exists; pass --overwrite to replace it, or choose another --out")
     members = adapter_dir if isinstance(adapter_dir, (list, tuple)) else [adapter_dir]
-    check_inputs(cfg, rows)
+    train = check_inputs(cfg, rows)  # data problems surface before any model loads
     task = load_task(cfg, members[0] or model_dir)
-    train = read_table(cfg.data.train_file, "train")
-    shares = training_shares(train, task)  # data problems surface before any model loads
+    shares = training_shares(train, task)  # in the classes of the adapters' task
 
     scoring = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, max_rows=rows),
                                   eval=dataclasses.replace(cfg.eval, match_prior=False))
@@ -80,9 +79,10 @@ def student_overrides(task, distilled_csv: str | Path, max_rows: Optional[int] =
             f"data.label_column={task.label_column}"] + (["data.max_rows=null"] if max_rows else [])
 
 
-def check_inputs(cfg: Config, rows: Optional[int]) -> None:
-    """What pseudo-labelling needs from a recipe, checked before any model loads (or, for distill, trains)."""
-    from peft_tuner.evaluate import load_task, training_shares
+def check_inputs(cfg: Config, rows: Optional[int]):
+    """What pseudo-labelling needs from a recipe, checked before any model loads (or, for distill, trains); returns
+    the training table."""
+    from peft_tuner.evaluate import training_shares
 
     if cfg.data.task != "classification":
         raise ConfigError(f"data.task: pseudo-labels are classes; this recipe's task is '{cfg.data.task}'")
@@ -91,7 +91,9 @@ def check_inputs(cfg: Config, rows: Optional[int]) -> None:
     if not cfg.data.test_file:
         raise ConfigError("data.test_file: not set; it holds the unlabelled rows to label")
     read_table(cfg.data.test_file, "test")
-    training_shares(read_table(cfg.data.train_file, "train"), load_task(cfg, None))
+    train = read_table(cfg.data.train_file, "train")
+    training_shares(train, build_task(cfg.data, train))
+    return train
 
 
 def split_by_shares(scores: torch.Tensor, shares: torch.Tensor) -> list[int]:
