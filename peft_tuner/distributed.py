@@ -80,14 +80,21 @@ def init_distributed() -> str:
         print(f"peft-tuner: warning: {lock} is over 10 minutes old. An op build that was killed midway leaves it, and "
               "this run would wait on it for ever: if no other build is running, delete it.", flush=True)
     launcher = detect_launcher()
+    # Both modules below write `group=...WORLD` as default arguments, read once, when they are first imported
+    # (torch.distributed.nn.functional, which transformers imports through FSDP when it builds a model, and DeepSpeed's
+    # TorchBackend). Imported after the process group exists, those defaults hold the group for ever:
+    # destroy_process_group cannot free it, gloo's worker threads live on into interpreter shutdown, and one of them,
+    # dropping its last finished work, asks for the GIL there and aborts the process ("terminate called without an
+    # active exception", in a few runs out of a hundred). Imported first, the defaults are None.
+    import deepspeed
+    import torch.distributed.nn  # noqa: F401
+
     if launcher == "python" and not torch.distributed.is_initialized():
         # One process, no launcher: a group of one over an in-memory store. (A free TCP port, picked then bound, was
         # taken by another job in between when 15 single-process runs started at once.)
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
                                              store=torch.distributed.HashStore(), rank=0, world_size=1)
-    import deepspeed
-
     if not torch.distributed.is_initialized():
         # mpirun: DeepSpeed discovers rank, size and the master address through mpi4py.
         deepspeed.init_distributed(auto_mpi_discovery=True, verbose=False,

@@ -5,11 +5,15 @@ model's logits. The ZeRO-3 run and the 1-process run see the same global batches
 """
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import records, step_losses, summary
+from conftest import ROOT, records, step_losses, summary
 
 # launcher, ZeRO stage, architecture, DeepSpeed file (default zero<stage>.json), overrides: every family and stage is
 # covered across the launchers, and optimizer + parameter offload, gradient checkpointing and the accuracy after each epoch
@@ -64,3 +68,32 @@ def test_zero3_on_two_processes_matches_one_process(trained):
     assert z3_weights.keys() == one_weights.keys()
     for key in z3_weights:
         torch.testing.assert_close(z3_weights[key], one_weights[key], atol=1e-4, rtol=1e-3)
+
+
+LEAVE_GROUP = """
+import os, sys
+from peft_tuner import distributed as dist
+from transformers import LlamaConfig, LlamaForCausalLM
+
+threads = lambda: len(os.listdir("/proc/self/task"))
+before = threads()
+dist.init_distributed()
+LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                             num_attention_heads=2, num_key_value_heads=2))  # imports torch.distributed.nn
+during = threads()
+dist.all_gather_objects([1])
+dist.shutdown()
+print(before, during, threads())
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc")
+def test_leaving_the_process_group_stops_its_threads():
+    """Modules that capture the world group in default arguments kept it alive after destroy_process_group; its gloo
+    threads then ran into interpreter shutdown, where one aborted the process now and then."""
+    out = subprocess.run([sys.executable, "-c", LEAVE_GROUP], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    before, during, after = map(int, out.stdout.split()[-3:])
+    assert during > before, "gloo started no threads: the test no longer sees what it checks"
+    assert after <= before, f"{after - before} thread(s) of the process group outlived it"
