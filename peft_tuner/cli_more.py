@@ -46,7 +46,7 @@ def register(sub) -> None:
     p.add_argument("--student-epochs", type=int, help="the student's epochs (default: distill.student_epochs, 3)")
     p.add_argument("--processes", type=int, default=1, help="1: one plain process; N > 1: DeepSpeed ZeRO-2 on N "
                    "GPUs, or N CPU processes")
-    p.add_argument("--overwrite", action="store_true", help="replace a distillation with other settings in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace a distillation with other settings in --out (finished teachers of the same recipe are kept)")
     p.set_defaults(run=_distill)
 
     p = sub.add_parser("generate", help="generate text: greedy, beam, sampling, top-k/top-p")

@@ -116,6 +116,11 @@ def split_by_shares(scores: torch.Tensor, shares: torch.Tensor) -> list[int]:
 PLAN_FILE = "distill_plan.json"
 
 
+def teacher_settings(plan: dict) -> tuple:
+    """What a teacher's training depends on, besides its seed: the recipe and every override but distill.*."""
+    return plan.get("recipe"), plan.get("recipe_text"), [o for o in plan.get("overrides", []) if not o.startswith("distill.")]
+
+
 def distill(recipe: str | Path, out_dir: str | Path, overrides: Optional[list[str]] = None, processes: int = 1,
             overwrite: bool = False, log=print) -> dict:
     """Teachers (the recipe, seeds 1..distill.teachers) -> their ensemble labels the first distill.rows rows of
@@ -143,11 +148,21 @@ def distill(recipe: str | Path, out_dir: str | Path, overrides: Optional[list[st
     if out.exists() and any(out.iterdir()):
         if not (out / PLAN_FILE).is_file():
             raise ConfigError(f"--out {out}: holds files that distill did not write; choose another folder")
-        if json.loads((out / PLAN_FILE).read_text()) != plan:
+        before = json.loads((out / PLAN_FILE).read_text())
+        same_teachers = teacher_settings(before) == teacher_settings(plan)
+        if before != plan:
             if not overwrite:
                 raise ConfigError(f"--out {out}: holds a distillation with other settings ({out / PLAN_FILE}); pass "
-                                  "--overwrite to replace it, or choose another folder")
-            shutil.rmtree(out)
+                                  "--overwrite to replace it" + (" (its finished teachers, trainings of the same recipe, "
+                                  "are kept)" if same_teachers else "") + ", or choose another folder")
+            # Teachers depend on the recipe and their seed only: with the same recipe, more (or fewer) teachers, rows
+            # or student epochs keep every finished teacher and redo the labels and the student.
+            for path in out.iterdir() if same_teachers else [out]:
+                if not (same_teachers and path.name.startswith("teacher")):
+                    shutil.rmtree(path) if path.is_dir() else path.unlink()
+            if same_teachers:
+                log(f"[plan] {', '.join(f'{k} {before.get(k)} -> {plan[k]}' for k in plan if before.get(k) != plan[k])}: "
+                    "the finished teachers are kept, the labels and the student made again")
     check_inputs(cfg, rows)  # before hours of training, not after
     out.mkdir(parents=True, exist_ok=True)
     (out / PLAN_FILE).write_text(json.dumps(plan, indent=2))

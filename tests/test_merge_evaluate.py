@@ -360,6 +360,13 @@ def test_distill_trains_teachers_labels_and_a_student_then_continues_where_it_st
     assert "kept" in capsys.readouterr().out
     assert json.loads((out / "distill_report.json").read_text())["labels"] == report["labels"]
     assert main(args[:-1] + ["3"]) == 2 and json.loads((out / "student" / "summary.json").read_text()) == student
+    # asked to, with the same recipe: the finished teachers stay, a third one trains, the labels and the student again
+    assert main(args[:-1] + ["3", "--teachers", "3", "--overwrite"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in out.glob("teacher[12]/summary.json")} == \
+        {p: t for p, t in stamps.items() if p.parent.name != "student"}
+    grown = json.loads((out / "distill_report.json").read_text())
+    assert len(grown["teachers"]) == 3 and summary(out / "teacher3")["steps_done"] == 4
+    assert json.loads((out / "student" / "summary.json").read_text())["steps_done"] == 3 * -(-(train_rows + 6) // 4)
     recipe.write_text(recipe.read_text().replace("learning_rate: 0.05", "learning_rate: 0.01"))
     assert main(args) == 2  # the recipe was edited: other settings too
     (tmp_path / "mine").mkdir()
