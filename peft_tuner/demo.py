@@ -5,9 +5,11 @@ several processes, evaluate the adapter, write RAFT predictions for the test spl
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -107,16 +109,46 @@ def train_with_launcher(recipe, overrides: list[str], processes: int, train_dir:
         cmd = [sys.executable, *script]
     proc = subprocess.Popen(cmd, env=env, cwd=Path.cwd(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
-    for line in proc.stdout:  # show the run's own summary lines as they come; keep the rest for an error message
-        lines.append(line.rstrip())
-        if line.startswith(("peft-tuner train |", "done |", "epoch ")):
-            print("      " + line.rstrip(), flush=True)
-    proc.wait()
+    with stop_signals_passed_to(proc) as stopped:
+        for line in proc.stdout:  # show the run's own summary lines as they come; keep the rest for an error message
+            lines.append(line.rstrip())
+            if line.startswith(("peft-tuner train |", "done |", "epoch ", "stopped by signal")):
+                print("      " + line.rstrip(), flush=True)
+        proc.wait()
+    if stopped:
+        print(f"stopped: the training run in {train_dir} " + ("saved a checkpoint first" if proc.returncode == 143
+              else f"exited with {proc.returncode}"), flush=True)
+        raise SystemExit(143)
     summary_file = train_dir / "summary.json"
     if proc.returncode != 0 or not summary_file.is_file():
         tail = "\n".join(lines[-40:])
         raise RuntimeError(f"training failed (exit {proc.returncode}): {' '.join(cmd)}\n{tail}")
     return json.loads(summary_file.read_text())
+
+
+@contextlib.contextmanager
+def stop_signals_passed_to(proc: subprocess.Popen):
+    """Ctrl-C or SIGTERM while a training run works: the run is told (SIGTERM: it saves a checkpoint at its next step
+    and exits 143), and its output is read until it has. Dying at once would close the pipe it writes to, and it would
+    die on its next line, before its checkpoint. Yields a list that holds the signals received."""
+    received = []
+
+    def handler(signum, frame):
+        received.append(signum)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)  # Ctrl-C in a terminal reached it already; a SIGTERM to us alone did not
+
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            previous[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread: signals are not ours to take
+            pass
+    try:
+        yield received
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def sample_answer(cfg, merged_dir: Path) -> dict:

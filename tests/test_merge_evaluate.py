@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import launch_command, records, run, summary, write_recipe
+from conftest import ROOT, launch_command, records, run, summary, write_recipe
 from peft_tuner.config import Config, ConfigError, ModelConfig, PeftSettings
 from peft_tuner.data import DataError, Encoder, build_task, prepare_split, read_table
 from peft_tuner.evaluate import (CandidateTree, classification_metrics, prior_offsets, rank_scores, takes_tree_mask,
@@ -374,3 +374,41 @@ def test_distill_trains_teachers_labels_and_a_student_then_continues_where_it_st
     assert main(["distill", str(recipe), "--out", str(tmp_path / "mine")]) == 2
     assert main(["distill", str(recipe), "--out", str(tmp_path / "text"), "data.task=text"]) == 2  # before any training
     assert not (tmp_path / "text").exists()
+
+
+def test_distill_stopped_by_sigterm_lets_the_teacher_checkpoint_then_continues(tiny_models, tmp_path, data_dir):
+    """SIGTERM to `peft-tuner distill` reaches the training run, which saves a checkpoint before both exit 143 (dying
+    at once, distill closed the pipe the run wrote to, and the run died with no checkpoint); the next call continues."""
+    import signal
+    import subprocess
+    import time
+
+    from peft_tuner.cli import main
+
+    raft = data_dir / "raft"
+    recipe = write_recipe(tmp_path / "recipe.yaml", tiny_models["llama"], raft, tmp_path / "unused",
+                          data={"test_file": str(raft)}, train={"epochs": 40},
+                          distill={"teachers": 1, "rows": 4, "student_epochs": 1})
+    out = tmp_path / "distill"
+    cli = [sys.executable, "-c", "import sys; from peft_tuner.cli import main; sys.exit(main(sys.argv[1:]))"]
+    proc = subprocess.Popen([*cli, "distill", str(recipe), "--out", str(out)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    log, deadline = out / "teacher1" / "train_log.jsonl", time.time() + 300
+    while not (log.is_file() and any(r["event"] == "step" for r in records(out / "teacher1"))):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    stdout = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 143, stdout[-3000:]
+    assert "saved a checkpoint first" in stdout and (out / "teacher1" / "checkpoints" / "latest").is_file()
+    stopped_at = [r for r in records(out / "teacher1") if r["event"] == "step"][-1]["step"]
+    assert stopped_at < summary_steps_expected(raft, 40)
+
+    assert main(["distill", str(recipe), "--out", str(out)]) == 0
+    starts = [r["start_step"] for r in records(out / "teacher1") if r["event"] == "start"]
+    assert starts[0] == 0 and 0 < starts[1] <= stopped_at
+    assert summary(out / "teacher1")["steps_done"] == summary_steps_expected(raft, 40)
+
+
+def summary_steps_expected(raft, epochs: int, batch: int = 4) -> int:
+    return epochs * -(-len(read_table(str(raft / "train.csv")).rows) // batch)
