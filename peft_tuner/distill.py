@@ -117,8 +117,12 @@ PLAN_FILE = "distill_plan.json"
 
 
 def teacher_settings(plan: dict) -> tuple:
-    """What a teacher's training depends on, besides its seed: the recipe and every override but distill.*."""
-    return plan.get("recipe"), plan.get("recipe_text"), [o for o in plan.get("overrides", []) if not o.startswith("distill.")]
+    """What a teacher's training depends on, besides its seed: the recipe and its overrides, but for distill.*."""
+    import yaml
+
+    recipe = yaml.safe_load(plan.get("recipe_text") or "") or {}
+    recipe.pop("distill", None)
+    return plan.get("recipe"), recipe, [o for o in plan.get("overrides", []) if not o.startswith("distill.")]
 
 
 def distill(recipe: str | Path, out_dir: str | Path, overrides: Optional[list[str]] = None, processes: int = 1,

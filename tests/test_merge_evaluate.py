@@ -361,6 +361,9 @@ def test_distill_trains_teachers_labels_and_a_student_then_continues_where_it_st
     assert json.loads((out / "distill_report.json").read_text())["labels"] == report["labels"]
     assert main(args[:-1] + ["3"]) == 2 and json.loads((out / "student" / "summary.json").read_text()) == student
     # asked to, with the same recipe: the finished teachers stay, a third one trains, the labels and the student again
+    edited = recipe.read_text().replace("student_epochs: 5", "student_epochs: 4")  # not what the teachers depend on
+    assert edited != recipe.read_text()
+    recipe.write_text(edited)
     assert main(args[:-1] + ["3", "--teachers", "3", "--overwrite"]) == 0
     assert {p: p.stat().st_mtime_ns for p in out.glob("teacher[12]/summary.json")} == \
         {p: t for p, t in stamps.items() if p.parent.name != "student"}
