@@ -165,8 +165,9 @@ def distill(recipe: str | Path, out_dir: str | Path, overrides: Optional[list[st
                 if not (same_teachers and path.name.startswith("teacher")):
                     shutil.rmtree(path) if path.is_dir() else path.unlink()
             if same_teachers:
-                log(f"[plan] {', '.join(f'{k} {before.get(k)} -> {plan[k]}' for k in plan if before.get(k) != plan[k])}: "
-                    "the finished teachers are kept, the labels and the student made again")
+                changes = [("the recipe's distill section" if k == "recipe_text" else f"{k} {before.get(k)} -> {plan[k]}")
+                           for k in plan if before.get(k) != plan[k]]
+                log(f"[plan] {', '.join(changes)}: the finished teachers are kept, the labels and the student made again")
     check_inputs(cfg, rows)  # before hours of training, not after
     out.mkdir(parents=True, exist_ok=True)
     (out / PLAN_FILE).write_text(json.dumps(plan, indent=2))
