@@ -159,15 +159,15 @@ def distill(recipe: str | Path, out_dir: str | Path, overrides: Optional[list[st
                 raise ConfigError(f"--out {out}: holds a distillation with other settings ({out / PLAN_FILE}); pass "
                                   "--overwrite to replace it" + (" (its finished teachers, trainings of the same recipe, "
                                   "are kept)" if same_teachers else "") + ", or choose another folder")
-            # Teachers depend on the recipe and their seed only: with the same recipe, more (or fewer) teachers, rows
-            # or student epochs keep every finished teacher and redo the labels and the student.
-            for path in out.iterdir() if same_teachers else [out]:
-                if not (same_teachers and path.name.startswith("teacher")):
-                    shutil.rmtree(path) if path.is_dir() else path.unlink()
-            if same_teachers:
+            if same_teachers:  # teachers depend on the recipe and their seed only: keep them, redo the rest
                 changes = [("the recipe's distill section" if k == "recipe_text" else f"{k} {before.get(k)} -> {plan[k]}")
                            for k in plan if before.get(k) != plan[k]]
                 log(f"[plan] {', '.join(changes)}: the finished teachers are kept, the labels and the student made again")
+                for path in out.iterdir():
+                    if not path.name.startswith("teacher"):
+                        shutil.rmtree(path) if path.is_dir() else path.unlink()
+            else:
+                shutil.rmtree(out)
     check_inputs(cfg, rows)  # before hours of training, not after
     out.mkdir(parents=True, exist_ok=True)
     (out / PLAN_FILE).write_text(json.dumps(plan, indent=2))
