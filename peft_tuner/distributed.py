@@ -60,25 +60,39 @@ def use_cpu_accelerator_if_no_gpu() -> None:
         os.environ["DS_ACCELERATOR"] = "cpu"
 
 
-def stale_build_locks(max_age_s: float = 600) -> list[str]:
-    """Lock files of torch extension builds (DeepSpeed JIT-builds its ops on the CPU) older than max_age_s. A process
-    killed while building leaves its lock, and every later run then waits on it without a word."""
+def remove_stale_build_locks(min_age_s: float = 60) -> list[str]:
+    """DeepSpeed JIT-builds its CPU ops under a lock file (torch's FileBaton); a run killed during the build leaves the
+    lock, and every later run would wait on it for ever, without a word. A lock is stale when it is older than
+    min_age_s and no process works in its folder (a live build runs ninja there, start to end): those are removed and
+    named. Returns their paths."""
     import time
 
     from torch.utils.cpp_extension import get_default_build_root
 
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
-    now = time.time()
-    return [str(lock) for pattern in ("*/lock", "*/*/lock") for lock in root.glob(pattern)
-            if now - lock.stat().st_mtime > max_age_s]
+    locks = [lock for pattern in ("*/lock", "*/*/lock") for lock in root.glob(pattern)
+             if time.time() - lock.stat().st_mtime > min_age_s]
+    if not locks:
+        return []
+    busy = set()
+    for cwd in Path("/proc").glob("[0-9]*/cwd"):
+        with contextlib.suppress(OSError):  # gone meanwhile, or another user's
+            busy.add(cwd.resolve(strict=True))
+    removed = []
+    for lock in locks:
+        if lock.parent.resolve() not in busy:
+            with contextlib.suppress(FileNotFoundError):  # the other rank was quicker
+                lock.unlink()
+            print(f"peft-tuner: removed {lock}: a build of that op was killed midway and left it, and this run would have "
+                  "waited on it for ever.", flush=True)
+            removed.append(str(lock))
+    return removed
 
 
 def init_distributed() -> str:
     """Bring up the process group, whatever launched us; returns the launcher's name."""
     use_cpu_accelerator_if_no_gpu()
-    for lock in stale_build_locks():
-        print(f"peft-tuner: warning: {lock} is over 10 minutes old. An op build that was killed midway leaves it, and "
-              "this run would wait on it for ever: if no other build is running, delete it.", flush=True)
+    remove_stale_build_locks()
     launcher = detect_launcher()
     # Both modules below write `group=...WORLD` as default arguments, read once, when they are first imported
     # (torch.distributed.nn.functional, which transformers imports through FSDP when it builds a model, and DeepSpeed's
@@ -99,9 +113,51 @@ def init_distributed() -> str:
         # mpirun: DeepSpeed discovers rank, size and the master address through mpi4py.
         deepspeed.init_distributed(auto_mpi_discovery=True, verbose=False,
                                    distributed_port=int(os.environ.get("MASTER_PORT", 29500)))
+        unlink_shared_memory_segment()
+        free_orphaned_shared_memory()
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     return launcher
+
+
+SHM_DIR = Path("/dev/shm")
+SHM_PREFIX = "deepspeed_allreduce_buffer"  # DeepSpeed's ops/csrc/cpu/comm/shm.cpp: {prefix}_{uid}_{addr}_{port}_{rank}
+
+
+def unlink_shared_memory_segment() -> None:
+    """DeepSpeed's CPU all-reduce (its shm_comm op, used when every rank is on one machine) gives each rank a 66 MB
+    segment in /dev/shm, which is RAM, and never unlinks it: every multi-process CPU run left 132 MB behind, until the
+    machine swapped. deepspeed.init_distributed returns once this rank has mapped every rank's segment; after a barrier
+    all ranks have, so each unlinks its own name. The memory stays mapped for the run and is freed when its processes
+    exit, however they exit."""
+    torch.distributed.barrier()
+    name = f"{SHM_PREFIX}_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_{os.environ.get('MASTER_PORT', '')}_{rank()}"
+    with contextlib.suppress(FileNotFoundError):
+        (SHM_DIR / name).unlink()
+
+
+def free_orphaned_shared_memory(min_age_s: float = 120) -> None:
+    """Segments that earlier runs left (DeepSpeed before the unlink above, or a run killed during its start) and that no
+    process maps: nothing can use them again, and they hold RAM. Rank 0 deletes this user's that are older than
+    min_age_s (a rank maps its segment right after creating it) and says how much it freed."""
+    if rank() != 0 or not SHM_DIR.is_dir():
+        return
+    import time
+
+    mapped = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        with contextlib.suppress(OSError):  # gone meanwhile, or another user's (who cannot map ours: mode 0600)
+            mapped.update(line.split()[-1] for line in maps.read_text().splitlines() if SHM_PREFIX in line)
+    now, freed = time.time(), []
+    for segment in SHM_DIR.glob(f"{SHM_PREFIX}_{os.getuid()}_*"):
+        with contextlib.suppress(OSError):
+            if str(segment) not in mapped and now - segment.stat().st_mtime > min_age_s:
+                size = segment.stat().st_blocks * 512
+                segment.unlink()
+                freed.append(size)
+    if freed:
+        print(f"peft-tuner: freed {sum(freed) / 2**30:.1f} GiB of memory: {len(freed)} segment(s) in {SHM_DIR} that earlier "
+              f"DeepSpeed CPU runs left behind and no process uses", flush=True)
 
 
 def _free_port() -> int:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,6 +30,7 @@ RUNS = [
     ("accelerate", 2, "opt", None, ("train.neftune_alpha=5",)),
     ("accelerate", 3, "bloom", None, ()),
 ]
+PORT_FLAGS = ("--master_port", "--main_process_port", "MASTER_PORT")  # deepspeed and torchrun, accelerate, mpirun
 LOSS_TOLERANCE = 1e-4  # 1 process vs 2 under ZeRO-3, same seed and global batch: fp32 reduction order only (seen: 1e-5)
 
 
@@ -48,6 +51,9 @@ def test_launcher_trains_and_saves_a_loadable_adapter(trained, tiny_models, laun
     if "train.eval_each_epoch=true" in extra:
         evals = [r for r in records(out) if r.get("event") == "eval"]
         assert [r["epoch"] for r in evals] == [1, 2, 3, 4] and all(0 <= r["accuracy"] <= 1 for r in evals)
+
+    port = proc.args[proc.args.index(next(a for a in proc.args if a in PORT_FLAGS)) + 1]
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))  # the CPU all-reduce's RAM is freed
 
     saved = load_file(out / "adapter" / "adapter_model.safetensors")
     assert saved and all(t.numel() > 0 for t in saved.values())
@@ -97,3 +103,28 @@ def test_leaving_the_process_group_stops_its_threads():
     before, during, after = map(int, out.stdout.split()[-3:])
     assert during > before, "gloo started no threads: the test no longer sees what it checks"
     assert after <= before, f"{after - before} thread(s) of the process group outlived it"
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="needs /dev/shm")
+def test_shared_memory_that_no_process_maps_is_freed(capsys):
+    """DeepSpeed's CPU all-reduce left 132 MB of /dev/shm per 2-process run; 150 runs starved the machine of RAM."""
+    import mmap
+
+    from peft_tuner.distributed import free_orphaned_shared_memory
+
+    base = f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_test{os.getpid()}_1_"
+    orphan, mapped, fresh = (Path(base + str(i)) for i in range(3))
+    for segment in (orphan, mapped, fresh):
+        segment.write_bytes(b"x" * 4096)
+    an_hour_ago = time.time() - 3600
+    for segment in (orphan, mapped):
+        os.utime(segment, (an_hour_ago, an_hour_ago))
+    try:
+        with open(mapped, "r+b") as f, mmap.mmap(f.fileno(), 4096):
+            free_orphaned_shared_memory()
+        assert not orphan.exists()
+        assert mapped.exists() and fresh.exists()  # in use, or just created by a rank that has yet to map it
+        assert "segment(s) in /dev/shm" in capsys.readouterr().out
+    finally:
+        for segment in (orphan, mapped, fresh):
+            segment.unlink(missing_ok=True)

@@ -107,15 +107,22 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_models, d
     assert saved["train"]["learning_rate"] == 1e30
 
 
-def test_a_lock_left_by_a_killed_op_build_is_named(tmp_path, monkeypatch):
-    """DeepSpeed JIT-builds its CPU ops under a lock file; a run killed midway leaves it and the next run would wait
-    for ever. init_distributed names such a lock (over 10 minutes old) so that the user can delete it."""
-    from peft_tuner.distributed import stale_build_locks
+def test_a_lock_left_by_a_killed_op_build_is_removed(tmp_path, monkeypatch):
+    """DeepSpeed JIT-builds its CPU ops under a lock file; a run killed midway leaves it, and the next run waited on it
+    for ever (a test run that timed out during the build hung every later one). init_distributed removes a lock over a
+    minute old in whose folder no process works; a build in progress keeps its lock."""
+    from peft_tuner.distributed import remove_stale_build_locks
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    stale, fresh = tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "lock", tmp_path / "py311_cpu" / "cpu_adam" / "lock"
-    for lock in (stale, fresh):
+    stale, fresh, building = (tmp_path / "py311_cpu" / op / "lock" for op in ("deepspeed_shm_comm", "cpu_adam", "fused_adam"))
+    for lock in (stale, fresh, building):
         lock.parent.mkdir(parents=True)
         lock.touch()
-    os.utime(stale, (time.time() - 3600, time.time() - 3600))
-    assert stale_build_locks() == [str(stale)]
+    for lock in (stale, building):
+        os.utime(lock, (time.time() - 3600, time.time() - 3600))
+    ninja = subprocess.Popen(["sleep", "60"], cwd=building.parent)  # stands for the build's ninja, working in its folder
+    try:
+        assert remove_stale_build_locks() == [str(stale)]
+    finally:
+        ninja.kill()
+    assert not stale.exists() and fresh.exists() and building.exists()
