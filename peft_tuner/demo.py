@@ -107,8 +107,12 @@ def train_with_launcher(recipe, overrides: list[str], processes: int, train_dir:
                "--deepspeed", str(ROOT / "ds_configs" / "zero2.json")]
     else:
         cmd = [sys.executable, *script]
-    proc = subprocess.Popen(cmd, env=env, cwd=Path.cwd(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # Its own process group, which a stop signal is passed to whole: the deepspeed runner dies of SIGTERM without
+    # passing it on, and its workers, never told, trained on without a checkpoint.
+    proc = subprocess.Popen(cmd, env=env, cwd=Path.cwd(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     lines = []
+    started = time.time()
     with stop_signals_passed_to(proc) as stopped:
         for line in proc.stdout:  # show the run's own summary lines as they come; keep the rest for an error message
             lines.append(line.rstrip())
@@ -116,8 +120,12 @@ def train_with_launcher(recipe, overrides: list[str], processes: int, train_dir:
                 print("      " + line.rstrip(), flush=True)
         proc.wait()
     if stopped:
-        print(f"stopped: the training run in {train_dir} " + ("saved a checkpoint first" if proc.returncode == 143
-              else f"exited with {proc.returncode}"), flush=True)
+        from peft_tuner.checkpoint import CHECKPOINT_DIR
+
+        latest = train_dir / CHECKPOINT_DIR / "latest"
+        saved = latest.is_file() and latest.stat().st_mtime >= started
+        print(f"stopped: the training run in {train_dir} " + ("saved a checkpoint first" if saved
+              else f"exited with {proc.returncode} before it saved a checkpoint"), flush=True)
         raise SystemExit(143)
     summary_file = train_dir / "summary.json"
     if proc.returncode != 0 or not summary_file.is_file():
@@ -128,15 +136,16 @@ def train_with_launcher(recipe, overrides: list[str], processes: int, train_dir:
 
 @contextlib.contextmanager
 def stop_signals_passed_to(proc: subprocess.Popen):
-    """Ctrl-C or SIGTERM while a training run works: the run is told (SIGTERM: it saves a checkpoint at its next step
-    and exits 143), and its output is read until it has. Dying at once would close the pipe it writes to, and it would
-    die on its next line, before its checkpoint. Yields a list that holds the signals received."""
+    """Ctrl-C or SIGTERM while a training run works: the run's process group (proc started a session of its own) is
+    told (SIGTERM: each worker saves a checkpoint at its next step and exits 143), and its output is read until it has.
+    Dying at once would close the pipe it writes to, and it would die on its next line, before its checkpoint. Yields
+    a list that holds the signals received."""
     received = []
 
     def handler(signum, frame):
         received.append(signum)
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)  # Ctrl-C in a terminal reached it already; a SIGTERM to us alone did not
+        with contextlib.suppress(ProcessLookupError):  # it ended meanwhile
+            os.killpg(proc.pid, signal.SIGTERM)
 
     previous = {}
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -380,8 +380,10 @@ def test_distill_trains_teachers_labels_and_a_student_then_continues_where_it_st
 
 
 def test_distill_stopped_by_sigterm_lets_the_teacher_checkpoint_then_continues(tiny_models, tmp_path, data_dir):
-    """SIGTERM to `peft-tuner distill` reaches the training run, which saves a checkpoint before both exit 143 (dying
-    at once, distill closed the pipe the run wrote to, and the run died with no checkpoint); the next call continues."""
+    """SIGTERM to `peft-tuner distill` reaches every worker of its DeepSpeed run (2 processes), which save a checkpoint
+    before all exit 143 (dying at once, distill closed the pipe the run wrote to and the run died with no checkpoint;
+    passed to the deepspeed runner alone, it died without telling its workers); the next call continues."""
+    import os
     import signal
     import subprocess
     import time
@@ -394,8 +396,9 @@ def test_distill_stopped_by_sigterm_lets_the_teacher_checkpoint_then_continues(t
                           distill={"teachers": 1, "rows": 4, "student_epochs": 1})
     out = tmp_path / "distill"
     cli = [sys.executable, "-c", "import sys; from peft_tuner.cli import main; sys.exit(main(sys.argv[1:]))"]
-    proc = subprocess.Popen([*cli, "distill", str(recipe), "--out", str(out)], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen([*cli, "distill", str(recipe), "--out", str(out), "--processes", "2"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
     log, deadline = out / "teacher1" / "train_log.jsonl", time.time() + 300
     while not (log.is_file() and any(r["event"] == "step" for r in records(out / "teacher1"))):
         assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]
@@ -405,12 +408,12 @@ def test_distill_stopped_by_sigterm_lets_the_teacher_checkpoint_then_continues(t
     assert proc.returncode == 143, stdout[-3000:]
     assert "saved a checkpoint first" in stdout and (out / "teacher1" / "checkpoints" / "latest").is_file()
     stopped_at = [r for r in records(out / "teacher1") if r["event"] == "step"][-1]["step"]
-    assert stopped_at < summary_steps_expected(raft, 40)
+    assert stopped_at < summary_steps_expected(raft, 40, batch=8)  # 2 processes x 4 rows a step
 
-    assert main(["distill", str(recipe), "--out", str(out)]) == 0
+    assert main(["distill", str(recipe), "--out", str(out), "--processes", "2"]) == 0
     starts = [r["start_step"] for r in records(out / "teacher1") if r["event"] == "start"]
     assert starts[0] == 0 and 0 < starts[1] <= stopped_at
-    assert summary(out / "teacher1")["steps_done"] == summary_steps_expected(raft, 40)
+    assert summary(out / "teacher1")["steps_done"] == summary_steps_expected(raft, 40, batch=8)
 
 
 def summary_steps_expected(raft, epochs: int, batch: int = 4) -> int:
