@@ -129,7 +129,12 @@ def unlink_shared_memory_segment() -> None:
     segment in /dev/shm, which is RAM, and never unlinks it: every multi-process CPU run left 132 MB behind, until the
     machine swapped. deepspeed.init_distributed returns once this rank has mapped every rank's segment; after a barrier
     all ranks have, so each unlinks its own name. The memory stays mapped for the run and is freed when its processes
-    exit, however they exit."""
+    exit, however they exit. (Only the CPU accelerator builds that op, and only where LOCAL_SIZE, which the deepspeed
+    launcher sets, equals the world size: the same on every rank, so all or none reach the barrier.)"""
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() != "cpu" or os.environ.get("LOCAL_SIZE") != str(world_size()):
+        return
     torch.distributed.barrier()
     name = f"{SHM_PREFIX}_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_{os.environ.get('MASTER_PORT', '')}_{rank()}"
     with contextlib.suppress(FileNotFoundError):
