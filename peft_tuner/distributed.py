@@ -74,10 +74,7 @@ def remove_stale_build_locks(min_age_s: float = 60) -> list[str]:
              if time.time() - lock.stat().st_mtime > min_age_s]
     if not locks:
         return []
-    busy = set()
-    for cwd in Path("/proc").glob("[0-9]*/cwd"):
-        with contextlib.suppress(OSError):  # gone meanwhile, or another user's
-            busy.add(cwd.resolve(strict=True))
+    busy = _of_every_process("cwd", lambda cwd: {cwd.resolve(strict=True)})
     removed = []
     for lock in locks:
         if lock.parent.resolve() not in busy:
@@ -87,6 +84,16 @@ def remove_stale_build_locks(min_age_s: float = 60) -> list[str]:
                   "waited on it for ever.", flush=True)
             removed.append(str(lock))
     return removed
+
+
+def _of_every_process(entry: str, read) -> set:
+    """The union of read(/proc/<pid>/<entry>) over the processes this user may read (another user's, and one that
+    ended meanwhile, are skipped)."""
+    found = set()
+    for path in Path("/proc").glob(f"[0-9]*/{entry}"):
+        with contextlib.suppress(OSError):
+            found |= read(path)
+    return found
 
 
 def init_distributed() -> str:
@@ -149,17 +156,22 @@ def free_orphaned_shared_memory(min_age_s: float = 120) -> None:
         return
     import time
 
-    mapped = set()
-    for maps in Path("/proc").glob("[0-9]*/maps"):
-        with contextlib.suppress(OSError):  # gone meanwhile, or another user's (who cannot map ours: mode 0600)
-            mapped.update(line.split()[-1] for line in maps.read_text().splitlines() if SHM_PREFIX in line)
-    now, freed = time.time(), []
+    old = {}
     for segment in SHM_DIR.glob(f"{SHM_PREFIX}_{os.getuid()}_*"):
-        with contextlib.suppress(OSError):
-            if str(segment) not in mapped and now - segment.stat().st_mtime > min_age_s:
-                size = segment.stat().st_blocks * 512
+        with contextlib.suppress(FileNotFoundError):  # its rank unlinked it meanwhile
+            if time.time() - (stat := segment.stat()).st_mtime > min_age_s:
+                old[segment] = stat
+    if not old:
+        return
+    # Another user's processes are not read: they cannot map ours (mode 0600).
+    mapped = _of_every_process("maps", lambda maps: {line.split()[-1] for line in maps.read_text().splitlines()
+                                                     if SHM_PREFIX in line})
+    freed = []
+    for segment, stat in old.items():
+        if str(segment) not in mapped:
+            with contextlib.suppress(FileNotFoundError):
                 segment.unlink()
-                freed.append(size)
+                freed.append(stat.st_blocks * 512)
     if freed:
         print(f"peft-tuner: freed {sum(freed) / 2**30:.1f} GiB of memory: {len(freed)} segment(s) in {SHM_DIR} that earlier "
               f"DeepSpeed CPU runs left behind and no process uses", flush=True)
