@@ -30,7 +30,7 @@ ADAPTER_CONFIG_FILE = "peft_tuner_config.yaml"
 
 # Keys whose change alters the result of a run; anything else (logging, checkpoint cadence) may change on --resume.
 RESUME_INSENSITIVE = {"train.checkpoint_steps", "train.keep_checkpoints", "train.log_steps", "output_dir", "eval", "generate",
-                      "distill", "data.eval_file", "data.test_file"}
+                      "distill", "data.eval_file", "data.test_file", "data.cache"}
 
 
 def kill_point(point: str, step: int) -> None:

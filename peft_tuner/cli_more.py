@@ -57,6 +57,18 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=_generate)
 
+    p = sub.add_parser("convert-loralib", help="turn LoRA weights trained with loralib (Microsoft's LoRA code) into a "
+                       "peft adapter folder, which merge, evaluate and generate then take with --adapter")
+    p.add_argument("checkpoint", help="torch.save of loralib.lora_state_dict(model) (or of a whole state dict)")
+    p.add_argument("--base", required=True, help="the base model loralib adapted (hub id, folder, .gguf)")
+    p.add_argument("--r", type=int, required=True, help="loralib's rank r")
+    p.add_argument("--alpha", type=int, required=True, help="loralib's lora_alpha")
+    p.add_argument("--enable-lora", help="for MergedLinear layers: which output chunks have LoRA, e.g. true,false,true "
+                   "(default: GPT-2's q,k,v example, q and v)")
+    p.add_argument("--out", required=True, help="adapter folder to write (must be empty unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(run=_convert_loralib)
+
     from peft_tuner import prepare
 
     prepare.register(sub)
@@ -138,6 +150,23 @@ def _distill(args) -> int:
     flags = {"teachers": args.teachers, "rows": args.rows, "student_epochs": args.student_epochs}
     overrides += [f"distill.{k}={v}" for k, v in flags.items() if v is not None]
     distill(recipes[0], args.out, overrides, processes=args.processes, overwrite=args.overwrite)
+    return 0
+
+
+def _convert_loralib(args) -> int:
+    from peft_tuner.config import ConfigError
+    from peft_tuner.convert import convert_loralib
+
+    enable = None
+    if args.enable_lora:
+        words = [w.strip().lower() for w in args.enable_lora.split(",")]
+        if not set(words) <= {"true", "false"}:
+            raise ConfigError(f"--enable-lora {args.enable_lora}: write it as true/false per chunk, e.g. true,false,true")
+        enable = [w == "true" for w in words]
+    result = convert_loralib(args.checkpoint, args.base, args.out, r=args.r, alpha=args.alpha, enable_lora=enable,
+                             overwrite=args.overwrite)
+    print(f"converted {result['layers']} loralib layer(s) of {args.checkpoint} into the peft adapter {result['out_dir']} "
+          f"(r={result['peft_r']}, lora_alpha={result['peft_lora_alpha']}); use it with --adapter {result['out_dir']}")
     return 0
 
 

@@ -31,6 +31,7 @@ def _help(default, text: str, **kw):
 class ModelConfig:
     name_or_path: str = _help("", "Hub id or local folder of the base causal LM (a folder holding a .gguf file works).")
     gguf_file: Optional[str] = _help(None, "Name of a GGUF file inside `name_or_path` to load and dequantize.")
+    eos_token: Optional[str] = _help(None, "The token that ends a label or a text; default: the tokenizer's EOS, else its [SEP] (BERT vocabularies, as Chinese GPT-2 models ship).")
     dtype: str = _help("fp32", "Weights dtype for training: fp32, bf16 or fp16.")
     gradient_checkpointing: bool = _help(False, "Recompute activations in backward to save memory.")
     trust_remote_code: bool = _help(False, "Allow model code from the model folder (hub models with custom code).")
@@ -50,7 +51,10 @@ class DataConfig:
     label_words: Optional[dict[str, str]] = _help(None, "Text the model writes for each class, if not the class name.")
     max_length: int = _help(256, "Longest sequence in tokens; longer prompts lose their start, never the label.")
     empty_text: str = _help("drop", "What to do with empty or all-whitespace texts: drop (and count) or error.")
-    max_rows: Optional[int] = _help(None, "Use only the first N rows of each split (quick runs).")
+    max_rows: Optional[int] = _help(None, "Use only N rows of each split (quick runs): of a labelled split, N drawn at random (data.seed), so a file sorted by label still gives every class; of data.test_file and of plain text, the first N.")
+    eval_fraction: float = _help(0.0, "With no data.eval_file: hold out this share of data.train_file's rows, stratified by class and drawn with data.seed, as the eval split (train and evaluate split alike); training uses the rest.")
+    seed: int = _help(0, "Seed of the data.max_rows draw and of the data.eval_fraction split.")
+    cache: bool = _help(True, "Keep tokenized examples in ~/.cache/peft_tuner/tokenized (PEFT_TUNER_CACHE), keyed by tokenizer, rows and these settings: a second run reads them instead of tokenizing.")
 
 
 PEFT_METHODS = ("lora", "ia3", "prompt_tuning", "prefix_tuning", "p_tuning", "adalora", "full")
@@ -312,6 +316,9 @@ def validate(cfg: Config) -> list[str]:
     check(cfg.data.empty_text in ("drop", "error"), f"data.empty_text: '{cfg.data.empty_text}' is not one of drop, error")
     check(cfg.data.max_length >= 8, f"data.max_length: {cfg.data.max_length} is too short; use at least 8 tokens")
     check(cfg.data.max_rows is None or cfg.data.max_rows > 0, "data.max_rows: must be positive")
+    check(0 <= cfg.data.eval_fraction < 1, "data.eval_fraction: must be in [0, 1)")
+    check(not (cfg.data.eval_fraction and cfg.data.eval_file), "data.eval_fraction: data.eval_file is set too; keep one of them")
+    check(not (cfg.data.eval_fraction and cfg.data.task == "text"), "data.eval_fraction: classification tasks only; give a text task its data.eval_file")
     if cfg.peft.method not in PEFT_METHODS:
         close = difflib.get_close_matches(cfg.peft.method, PEFT_METHODS, n=1)
         hint = f"; did you mean {close[0]}?" if close else ""

@@ -24,7 +24,7 @@ import torch
 
 from peft_tuner.checkpoint import CHECKPOINT_DIR
 from peft_tuner.config import Config, ConfigError
-from peft_tuner.data import build_task, prepare_split, read_table
+from peft_tuner.data import build_task, prepare_split, read_table, select_rows
 
 
 def pseudo_label(cfg: Config, out_csv: str | Path, adapter_dir: Optional[str | list[str]] = None,
@@ -48,12 +48,12 @@ def pseudo_label(cfg: Config, out_csv: str | Path, adapter_dir: Optional[str | l
     scoring = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, max_rows=rows),
                                   eval=dataclasses.replace(cfg.eval, match_prior=False))
     evaluate(scoring, scores_dir, split="test", model_dir=model_dir, adapter_dir=adapter_dir, method="rank")
-    unlabelled = prepare_split(task, read_table(cfg.data.test_file, "test"), scoring.data, require_labels=False).rows
+    unlabelled = prepare_split(task, read_table(cfg.data.test_file, "test"), scoring.data, require_labels=False, role="test").rows
     predictions = [json.loads(line) for line in (scores_dir / "predictions_test.jsonl").open() if line.strip()]
     scores = torch.tensor([[p["scores"][c] for c in task.class_names] for p in predictions])
     labels = split_by_shares(scores, shares)
 
-    train_rows = train.rows[: cfg.data.max_rows]  # the rows the adapters were trained on
+    train_rows = [train.rows[i] for i in select_rows(train.rows, cfg.data, "train", task.label_column)]  # as the adapters saw them
     labelled_rows = [{**unlabelled[p["index"]], task.label_column: task.class_names[c]} for p, c in zip(predictions, labels)]
     columns = list(dict.fromkeys(list(train.columns) + [c for r in labelled_rows for c in r]))
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -90,6 +90,9 @@ def check_inputs(cfg: Config, rows: Optional[int]):
         raise ConfigError(f"--rows {rows}: must be at least 1")
     if not cfg.data.test_file:
         raise ConfigError("data.test_file: not set; it holds the unlabelled rows to label")
+    if cfg.data.eval_fraction:
+        raise ConfigError("data.eval_fraction: the student trains on a new CSV, which would be split again; give the "
+                          "held-out rows as data.eval_file instead")
     read_table(cfg.data.test_file, "test")
     train = read_table(cfg.data.train_file, "train")
     training_shares(train, build_task(cfg.data, train))

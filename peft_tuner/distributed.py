@@ -183,6 +183,36 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def check_shared_folder(folder: Path) -> None:
+    """Every rank must see what rank 0 writes in `folder` (output_dir): each rank writes its part of a checkpoint there
+    and rank 0 moves the whole into place, so nodes that each have their own disk would leave checkpoints that cannot
+    be resumed. Rank 0 writes a token, every rank reads it; all refuse together, naming the ranks that could not."""
+    if world_size() == 1:
+        return
+    import uuid
+
+    marker = Path(folder) / ".peft_tuner_shared_check"
+    token = all_gather_objects(uuid.uuid4().hex if is_main() else None)[0]
+    if is_main():
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(token)
+    barrier()
+    try:
+        sees = marker.read_text() == token
+    except OSError:
+        sees = False
+    views = all_gather_objects((rank(), socket.gethostname(), sees))
+    barrier()
+    if is_main():
+        marker.unlink()
+    blind = [f"rank {r} on {host}" for r, host, ok in views if not ok]
+    if blind:
+        torch.distributed.destroy_process_group()  # every rank raises here, together
+        raise ConfigError(f"output_dir: {folder} is not one folder for all ranks: {', '.join(blind)} cannot see what rank 0 "
+                          f"wrote there. Every rank writes its part of each checkpoint into output_dir and rank 0 the adapter, "
+                          f"so all nodes need it on one shared filesystem (NFS, Lustre, ...) under the same path")
+
+
 def shutdown() -> None:
     """Leave the process group together: a rank that exits while another still works aborts the gloo group."""
     if torch.distributed.is_initialized():

@@ -19,8 +19,10 @@ import torch
 import torch.nn.functional as F
 
 from peft_tuner.config import PROMPT_LEARNING_METHODS, Config, ConfigError
-from peft_tuner.data import ClassificationTask, DataError, Encoder, build_task, collate, pack_text, prepare_split, read_table
-from peft_tuner.modeling import DTYPES, ModelError, load_base_model, load_tokenizer
+from peft_tuner.data import (ClassificationTask, DataError, Encoder, build_task, collate, prepare_split, read_table,
+                             text_blocks)
+from peft_tuner.modeling import (DTYPES, ModelError, decode, load_base_model, load_tokenizer, prepare_tokenizer,
+                                 stop_token_ids)
 
 LOGITS_BUDGET = 64 * 2**20  # floats of candidate logits held at once (256 MB in fp32)
 INVALID = "<invalid>"
@@ -62,10 +64,7 @@ def load_for_inference(cfg: Config, model_dir: Optional[str] = None, adapter_dir
         method = "merged"
     else:
         model, tokenizer, method = load_base_model(cfg.model, dtype), load_tokenizer(cfg.model), "base"
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
-    return model.eval(), tokenizer, method
+    return model.eval(), prepare_tokenizer(tokenizer, cfg.model), method
 
 
 def load_task(cfg: Config, saved_dir: Optional[str]) -> ClassificationTask:
@@ -161,7 +160,8 @@ def takes_tree_mask(model) -> bool:
 
 
 def _vocab_size(model) -> int:
-    return model.get_output_embeddings().weight.shape[0]
+    weight = model.get_output_embeddings().weight
+    return getattr(weight, "ds_shape", weight.shape)[0]  # under ZeRO-3 the local tensor is empty
 
 
 @torch.no_grad()
@@ -262,9 +262,8 @@ def generate_labels(model, encoder: Encoder, rows: list[dict], cfg: Config, prog
         batch = collate([{"input_ids": p} for p in prompts], tokenizer.pad_token_id)
         generated = model.generate(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
                                    max_new_tokens=cfg.eval.max_new_tokens, num_beams=cfg.eval.num_beams, do_sample=False,
-                                   pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        new = generated[:, batch["input_ids"].shape[1]:]
-        outputs += tokenizer.batch_decode(new, skip_special_tokens=True)
+                                   pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_token_ids(tokenizer))
+        outputs += decode(tokenizer, generated[:, batch["input_ids"].shape[1]:])
         if progress is not None:
             progress.update(len(prompts))
     return outputs
@@ -346,9 +345,13 @@ def evaluate(cfg: Config, out_dir: str | Path, split: str = "eval", model_dir: O
             if not any((Path(member) / name).is_file() for name in ("adapter_config.json", "config.json")):
                 raise ModelError(f"--adapter {member}: no adapter_config.json there")
     spec = cfg.data.eval_file if split == "eval" else cfg.data.test_file
+    held_out = split == "eval" and not spec and cfg.data.eval_fraction > 0
+    if held_out:  # the rows that training held out of data.train_file
+        spec = cfg.data.train_file
     if not spec:
-        raise DataError(f"data.{split}_file: not set; nothing to evaluate")
-    table = read_table(spec, split)  # data problems surface before any model loads
+        raise DataError(f"data.{split}_file: not set; nothing to evaluate"
+                        + ("; or hold out part of data.train_file with data.eval_fraction=0.2" if split == "eval" else ""))
+    table = read_table(spec, "train" if held_out else split)  # data problems surface before any model loads
     if cfg.data.task == "text":
         return evaluate_text(cfg, table, out_dir, model_dir, adapter_dir, quiet)
     task = load_task(cfg, adapter_dir or model_dir)
@@ -357,7 +360,9 @@ def evaluate(cfg: Config, out_dir: str | Path, split: str = "eval", model_dir: O
         if classes != task.class_names:
             raise ConfigError(f"--adapter {other}: its classes {classes} differ from {task.class_names} of "
                               f"--adapter {adapter_dir}; an ensemble needs the same classes")
-    rows = prepare_split(task, table, cfg.data, require_labels=False).rows
+    rows = prepare_split(task, table, cfg.data, require_labels=False, role=split).rows
+    if held_out:
+        spec = f"{spec} (the {cfg.data.eval_fraction:.0%} held out by data.eval_fraction)"
     labelled = all(r.get(task.label_column) is not None for r in rows) and task.label_column in table.columns
     if cfg.eval.match_prior and method != "rank":
         raise ConfigError("eval.match_prior: works on rank classification's class scores; evaluate with --method rank")
@@ -470,7 +475,7 @@ def content_free_prior(model, encoder: Encoder) -> torch.Tensor:
 def prior_reference(cfg: Config, task: ClassificationTask) -> tuple[torch.Tensor, list[dict]]:
     """For eval.match_prior: the training labels' class shares and the unlabelled rows to measure the lean on."""
     shares = training_shares(read_table(cfg.data.train_file, "train"), task)
-    reference = prepare_split(task, read_table(cfg.data.test_file, "test"), cfg.data, require_labels=False).rows
+    reference = prepare_split(task, read_table(cfg.data.test_file, "test"), cfg.data, require_labels=False, role="test").rows
     return shares, reference[: cfg.eval.prior_rows]  # prepare_split refuses a file with no rows
 
 
@@ -496,23 +501,56 @@ def prior_offsets(scores: torch.Tensor, shares: torch.Tensor, steps: int = 200) 
     return (offsets - offsets.mean()).float()
 
 
-@torch.no_grad()
 def evaluate_text(cfg: Config, table, out_dir, model_dir, adapter_dir, quiet: bool) -> dict:
-    """Plain text: mean token loss and perplexity over packed blocks of data.max_length."""
-    column = cfg.data.text_column or "text"
+    """Plain text: mean token loss and perplexity over packed blocks of data.max_length, in the weights' dtype
+    (eval.dtype, else model.dtype: fp32 unless asked), which the report names. Over several processes each takes an
+    equal share of the blocks and the sums are added up: every block counted once, the result printed once."""
+    from peft_tuner import distributed as dist
+
     model, tokenizer, model_kind = load_for_inference(cfg, model_dir, adapter_dir)
-    blocks = pack_text(tokenizer, [str(r.get(column, "")) for r in table.rows[: cfg.data.max_rows]], cfg.data.max_length)
-    total, tokens, started = 0.0, 0, time.time()
-    for start in range(0, len(blocks), cfg.eval.batch_size):
-        batch = collate(blocks[start:start + cfg.eval.batch_size], tokenizer.pad_token_id)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        total += float(F.cross_entropy(logits[:, :-1].float().flatten(0, 1), batch["labels"][:, 1:].flatten(), reduction="sum"))
-        tokens += int(batch["labels"][:, 1:].numel())
-    loss = total / tokens
-    result = {"source": table.source, "model": model_kind, "blocks": len(blocks), "tokens": tokens, "loss": loss,
-              "perplexity": math.exp(loss), "seconds": round(time.time() - started, 3)}
+    dtype = cfg.eval.dtype or cfg.model.dtype
+    blocks, _ = text_blocks(tokenizer, table, cfg.data)
+    world = 1
+    if dist.detect_launcher() != "python":
+        dist.init_distributed()
+        world = dist.world_size()
+    model.to(dist.device())
+    started = time.time()
+    loss = text_loss_over_ranks(model, blocks, cfg.eval.batch_size, tokenizer.pad_token_id)
+    tokens = sum(len(b["input_ids"]) - 1 for b in blocks)
+    elapsed = max(dist.all_gather_objects(time.time() - started))
+    if not dist.is_main():
+        dist.shutdown()
+        return {}
+    result = {"source": table.source, "model": model_kind, "dtype": dtype, "blocks": len(blocks), "tokens": tokens,
+              "loss": loss, "perplexity": math.exp(loss), "processes": world, "seconds": round(elapsed, 3)}
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     (Path(out_dir) / "metrics_text.json").write_text(json.dumps(result, indent=2))
     if not quiet:
-        print(f"evaluate | {table.source} | {model_kind} | {tokens} tokens | loss {loss:.4f} | perplexity {math.exp(loss):.2f}")
+        print(f"evaluate | {table.source} | {model_kind} | {dtype} | {tokens} tokens on {world} process(es) | "
+              f"loss {loss:.4f} | perplexity {math.exp(loss):.2f}")
+    dist.shutdown()
     return result
+
+
+@torch.no_grad()
+def text_loss_over_ranks(model, blocks: list[dict], batch_size: int, pad: int) -> float:
+    """Mean next-token loss over `blocks`, each rank taking an equal run of them (the last rank's run filled up with
+    blocks that are run but not counted: under ZeRO-3 every forward is a collective, so all ranks run as many)."""
+    from peft_tuner import distributed as dist
+
+    world, rank = dist.world_size(), dist.rank()
+    per_rank = math.ceil(len(blocks) / world)
+    mine = list(range(rank * per_rank, (rank + 1) * per_rank))
+    device = next(model.parameters()).device
+    total, tokens = 0.0, 0
+    for start in range(0, per_rank, batch_size):
+        indices = mine[start:start + batch_size]
+        counted = torch.tensor([i < len(blocks) for i in indices], device=device)
+        batch = collate([blocks[min(i, len(blocks) - 1)] for i in indices], pad)
+        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+        losses = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), batch["labels"][:, 1:].to(device), reduction="none")
+        total += float(losses.sum(-1)[counted].sum())
+        tokens += int(batch["labels"][:, 1:].numel() // len(indices)) * int(counted.sum())
+    total, tokens = dist.all_reduce([total, tokens])
+    return total / tokens

@@ -68,3 +68,30 @@ def build_tiny_model(out_dir: str | Path, arch: str = "llama", seed: int = 0) ->
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def build_tiny_bert_vocab_gpt2(out_dir: str | Path, texts: list[str], seed: int = 0) -> Path:
+    """A tiny random GPT-2 whose tokenizer is a BERT character vocabulary over `texts`, laid out as the Chinese GPT-2
+    models ship (uer/gpt2-chinese-cluecorpussmall): vocab.txt and a BertTokenizer config with [CLS]/[SEP]/[PAD] and no
+    EOS; the model config keeps GPT-2's default token ids."""
+    import json
+
+    import torch
+    import transformers as tf
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    characters = sorted({c for text in texts for c in text if not c.isspace()} | set("0123456789abcdefghijklmnopqrstuvwxyz"))
+    vocab = BERT_SPECIALS + characters
+    (out / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    (out / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "BertTokenizer", "do_lower_case": True}))
+    (out / "special_tokens_map.json").write_text(json.dumps(
+        {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]", "mask_token": "[MASK]"}))
+    torch.manual_seed(seed)
+    config = tf.GPT2Config(vocab_size=len(vocab), n_embd=64, n_layer=2, n_head=4, n_positions=256,
+                           tokenizer_class="BertTokenizer")
+    tf.GPT2LMHeadModel(config).save_pretrained(out)
+    return out

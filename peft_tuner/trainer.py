@@ -22,8 +22,9 @@ import torch.nn.functional as F
 from peft_tuner import checkpoint as ckpt
 from peft_tuner import distributed as dist
 from peft_tuner.config import Config, ConfigError, save_config
-from peft_tuner.data import (IGNORE_INDEX, DataError, Encoder, build_task, collate, encode_training_rows, pack_text,
-                             prepare_split, read_table)
+from peft_tuner.data import (IGNORE_INDEX, DataError, Encoder, build_task, collate, encode_training_rows, prepare_split,
+                             read_table, text_blocks)
+from peft_tuner.evaluate import text_loss_over_ranks
 from peft_tuner.modeling import (DTYPES, add_neftune_noise, build_peft_model, check_peft_applies, count_parameters,
                                  load_base_model, load_tokenizer, load_trained_model, uses_position_ids)
 
@@ -40,7 +41,9 @@ class TrainData:
     dropped_empty: int = 0
     truncated: int = 0
     encoder: Optional[Encoder] = None
-    eval_rows: list = field(default_factory=list)
+    eval_rows: list = field(default_factory=list)  # classification: labelled rows, rank-classified after each epoch
+    eval_blocks: list = field(default_factory=list)  # text: blocks whose loss and perplexity are measured after each epoch
+    from_cache: bool = False  # the examples were read from the tokenization cache
 
 
 def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
@@ -66,6 +69,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
     launcher = dist.init_distributed()
     if dist.world_size() != world:
         raise RuntimeError(f"expected {world} processes from the environment, the process group has {dist.world_size()}")
+    dist.check_shared_folder(Path(cfg.output_dir))
 
     # 3. Model and engine.
     torch.manual_seed(cfg.train.seed)
@@ -87,12 +91,13 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
     log.line(f"peft-tuner train | model {cfg.model.name_or_path} | method {cfg.peft.method} | trainable "
              f"{trainable:,} of {total:,} ({100 * trainable / total:.3f}%) | launcher {launcher}, {world} process(es), "
              f"ZeRO-{stage} ({ds_source}) | {data.rows} rows ({data.dropped_empty} empty dropped, {data.truncated} cut "
-             f"to max_length={cfg.data.max_length}) | global batch {global_batch} = {cfg.train.batch_size} x "
+             f"to max_length={cfg.data.max_length}; {'tokenized: from cache' if data.from_cache else 'tokenized'}) | global batch {global_batch} = {cfg.train.batch_size} x "
              f"{cfg.train.gradient_accumulation} accumulation x {world} | {steps_per_epoch} steps/epoch x "
              f"{cfg.train.epochs} epochs = {total_steps} steps" + (f" | resuming after step {start_step}" if start_step else ""))
     log.record({"event": "start", "model": cfg.model.name_or_path, "method": cfg.peft.method, "trainable_params": trainable,
                 "total_params": total, "world_size": world, "zero_stage": stage, "launcher": launcher, "rows": data.rows,
-                "dropped_empty": data.dropped_empty, "truncated": data.truncated, "total_steps": total_steps,
+                "dropped_empty": data.dropped_empty, "truncated": data.truncated, "tokenized_from_cache": data.from_cache,
+                "total_steps": total_steps,
                 "start_step": start_step})
 
     # 4. The loop.
@@ -148,24 +153,25 @@ def setup_data(cfg: Config, tokenizer) -> TrainData:
         raise DataError("data.train_file: not set; give a file, a RAFT folder or a hub dataset")
     table = read_table(cfg.data.train_file, "train")
     if cfg.data.task == "text":
+        eval_blocks = []
         if cfg.train.eval_each_epoch:
-            raise ConfigError("train.eval_each_epoch: classification tasks only; evaluate a text task with peft-tuner evaluate")
-        column = cfg.data.text_column or "text"
-        if column not in table.columns:
-            raise DataError(f"{table.source}: no column '{column}' (data.text_column); columns: {', '.join(table.columns)}")
-        examples = pack_text(tokenizer, [str(r.get(column, "")) for r in table.rows[: cfg.data.max_rows]], cfg.data.max_length)
-        return TrainData(examples=examples, task=None, rows=len(examples))
+            if not cfg.data.eval_file:
+                raise ConfigError("train.eval_each_epoch: needs data.eval_file (text to measure the loss and perplexity on)")
+            eval_blocks, _ = text_blocks(tokenizer, read_table(cfg.data.eval_file, "eval"), cfg.data)
+        examples, from_cache = text_blocks(tokenizer, table, cfg.data)
+        return TrainData(examples=examples, task=None, rows=len(examples), eval_blocks=eval_blocks, from_cache=from_cache)
     task = build_task(cfg.data, table)
     split = prepare_split(task, table, cfg.data, require_labels=True)
     encoder = Encoder(tokenizer, task, cfg.data.max_length)
-    examples, truncated = encode_training_rows(encoder, split.rows)
+    examples, truncated, from_cache = encode_training_rows(encoder, split.rows, cache=cfg.data.cache)
     eval_rows = []
     if cfg.train.eval_each_epoch:
-        if not cfg.data.eval_file:
-            raise ConfigError("train.eval_each_epoch: needs data.eval_file (labelled rows)")
-        eval_rows = prepare_split(task, read_table(cfg.data.eval_file, "eval"), cfg.data, require_labels=True).rows
+        if not (cfg.data.eval_file or cfg.data.eval_fraction):
+            raise ConfigError("train.eval_each_epoch: needs data.eval_file or data.eval_fraction (labelled rows)")
+        eval_table = read_table(cfg.data.eval_file, "eval") if cfg.data.eval_file else table
+        eval_rows = prepare_split(task, eval_table, cfg.data, require_labels=True, role="eval").rows
     return TrainData(examples=examples, task=task.to_dict(), rows=len(examples), dropped_empty=split.dropped_empty,
-                     truncated=truncated, encoder=encoder, eval_rows=eval_rows)
+                     truncated=truncated, encoder=encoder, eval_rows=eval_rows, from_cache=from_cache)
 
 
 def setup_engine(model, ds_config: dict, cfg: Config, total_steps: int):
@@ -291,11 +297,19 @@ def fit(engine, cfg: Config, data: TrainData, tokenizer, log: "RunLog", global_b
                 ckpt.save_checkpoint(engine, cfg, _loop_state(done, epoch, world, stage))
             ckpt.kill_point("after_step", done)
         log.record({"event": "epoch", "epoch": epoch + 1, "loss": last_loss})
-        if data.eval_rows and (epoch + 1) * steps_per_epoch > start_step:
-            accuracy = accuracy_during_training(engine, cfg, data)
-            log.record({"event": "eval", "epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch, "accuracy": accuracy})
+        if (data.eval_rows or data.eval_blocks) and (epoch + 1) * steps_per_epoch > start_step:
+            engine.eval()
+            if data.eval_rows:
+                metrics = {"accuracy": accuracy_during_training(engine, cfg, data)}
+                said = f"eval accuracy {metrics['accuracy']:.4f} on {len(data.eval_rows)} rows"
+            else:
+                loss = text_loss_over_ranks(engine.module, data.eval_blocks, cfg.eval.batch_size, tokenizer.pad_token_id)
+                metrics = {"eval_loss": loss, "perplexity": math.exp(loss)}
+                said = f"eval loss {loss:.4f}, perplexity {math.exp(loss):.2f} on {len(data.eval_blocks)} blocks"
+            engine.train()
+            log.record({"event": "eval", "epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch, **metrics})
             if progress is not None:
-                progress.write(f"epoch {epoch + 1}: eval accuracy {accuracy:.4f} on {len(data.eval_rows)} rows")
+                progress.write(f"epoch {epoch + 1}: {said}")
     if progress is not None:
         progress.close()
     stop.restore()
@@ -313,10 +327,8 @@ def accuracy_during_training(engine, cfg: Config, data: TrainData) -> float:
     per_rank = math.ceil(len(rows) / world)
     indices = range(rank * per_rank, (rank + 1) * per_rank)
     mine = [rows[min(i, len(rows) - 1)] for i in indices]
-    engine.eval()
     with eval_autocast(cfg):
         scores = rank_scores(engine.module, data.encoder, mine, cfg.eval.batch_size, share_cache=uses_position_ids(cfg.peft.method))
-    engine.train()
     names, label = data.encoder.task.class_names, data.encoder.task.label_column
     correct = sum(names[int(s.argmax())] == row[label] for i, s, row in zip(indices, scores, mine) if i < len(rows))
     (total_correct,) = dist.all_reduce([float(correct)])

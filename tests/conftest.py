@@ -18,6 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
 BIN = Path(sys.executable).parent
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test reaches the network: a hub name fails at once, offline
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 COMPLAINTS = [
     ("my order never arrived and support ignores me", "complaint"),
@@ -36,6 +38,15 @@ COMPLAINTS = [
     ("congrats on the launch", "no complaint"),
     ("no signal at home again", "complaint"),
     ("reading a good book", "no complaint"),
+]
+
+
+# ChnSentiCorp-like rows (label 1 positive, 0 negative), sorted by label as the real file is.
+REVIEWS = [
+    ("1", "房间很干净，服务很好。"), ("1", "早餐丰富，位置方便。"), ("1", "前台热情，下次还来。"), ("1", "环境安静，床很舒服。"),
+    ("1", "性价比高，推荐入住。"), ("1", "交通便利，服务周到。"), ("1", "设施新，房间大。"), ("1", "员工友好，体验很好。"),
+    ("0", "房间很脏，服务很差。"), ("0", "隔音太差，一夜没睡。"), ("0", "早餐难吃，价格太贵。"), ("0", "前台态度差，不推荐。"),
+    ("0", "空调坏了，没人修。"), ("0", "设施旧，房间小。"), ("0", "位置偏，交通不便。"), ("0", "卫生间有异味，很失望。"),
 ]
 
 
@@ -60,6 +71,15 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def chinese_model(tmp_path_factory) -> Path:
+    """The Chinese tutorial's kind of model: GPT-2 with a BERT character vocabulary over the reviews."""
+    from peft_tuner.tiny import build_tiny_bert_vocab_gpt2
+
+    texts = [review for _, review in REVIEWS] + ["评论：情感：正面负面"]
+    return build_tiny_bert_vocab_gpt2(tmp_path_factory.mktemp("models") / "gpt2-bert-chinese", texts)
+
+
+@pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> Path:
     """train/dev/test of a RAFT-layout folder, plus the same training rows as csv, json, jsonl and parquet."""
     import pyarrow as pa
@@ -78,6 +98,7 @@ def data_dir(tmp_path_factory) -> Path:
     (root / "train.json").write_text(json.dumps(rows))
     (root / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     pq.write_table(pa.Table.from_pylist(rows), root / "train.parquet")
+    write_csv(root / "reviews.csv", [{"label": label, "review": review} for label, review in REVIEWS])
     return root
 
 
@@ -104,6 +125,40 @@ def write_recipe(path: Path, model_path: Path, train_file: Path, output_dir: Pat
     return path
 
 
+# The tests' DeepSpeed configs: the shipped ones, except that under ZeRO-3 every weight is partitioned
+# (stage3_param_persistence_threshold 0). Tiny models otherwise stay below DeepSpeed's default threshold, nothing is
+# partitioned, and code that reads a parameter's shape passes here and breaks on a real model.
+TEST_DS_DIR: Path | None = None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tokenization_cache(tmp_path_factory):
+    """The tests' own tokenization cache (subprocesses inherit it), never the user's."""
+    os.environ["PEFT_TUNER_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    return Path(os.environ["PEFT_TUNER_CACHE"]) / "tokenized"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def partitioning_deepspeed_configs(tmp_path_factory):
+    global TEST_DS_DIR
+    TEST_DS_DIR = tmp_path_factory.mktemp("ds_configs")
+    for shipped in (ROOT / "ds_configs").glob("*.json"):
+        config = json.loads(shipped.read_text())
+        if config.get("zero_optimization", {}).get("stage") == 3:
+            config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+        (TEST_DS_DIR / shipped.name).write_text(json.dumps(config, indent=2))
+    for shipped in (ROOT / "ds_configs").glob("accelerate_*.yaml"):
+        config = yaml.safe_load(shipped.read_text())
+        config["deepspeed_config"]["deepspeed_config_file"] = str(TEST_DS_DIR / Path(config["deepspeed_config"]["deepspeed_config_file"]).name)
+        (TEST_DS_DIR / shipped.name).write_text(yaml.safe_dump(config))
+    return TEST_DS_DIR
+
+
+def ds_config(name: str) -> str:
+    """The tests' copy of ds_configs/NAME (ZeRO-3 ones partition every weight)."""
+    return str(TEST_DS_DIR / Path(name).name)
+
+
 def launch_command(launcher: str, script: str = "launch/train.py", stage: int = 2, nproc: int = 2) -> list[str]:
     port = str(free_port())
     script = str(ROOT / script)
@@ -116,7 +171,7 @@ def launch_command(launcher: str, script: str = "launch/train.py", stage: int = 
     if launcher == "mpirun":
         return [str(BIN / "mpirun"), "-n", str(nproc), "-genv", "MASTER_PORT", port, sys.executable, script]
     if launcher == "accelerate":
-        return [str(BIN / "accelerate"), "launch", "--config_file", str(ROOT / f"ds_configs/accelerate_zero{stage}.yaml"),
+        return [str(BIN / "accelerate"), "launch", "--config_file", ds_config(f"accelerate_zero{stage}.yaml"),
                 "--num_processes", str(nproc), "--main_process_port", port, script]
     raise ValueError(launcher)
 
@@ -165,7 +220,7 @@ def trained(tmp_path_factory, tiny_models, data_dir):
                                   train={"batch_size": batch_size, "epochs": 4})
             cmd = launch_command(launcher, stage=stage) + [str(recipe), *(e.format(data=data_dir) for e in extra)]
             if launcher not in ("python", "accelerate"):
-                cmd += ["--deepspeed", ds_file or f"ds_configs/zero{stage}.json"]
+                cmd += ["--deepspeed", ds_config(ds_file or f"zero{stage}.json")]
             proc = run(cmd, timeout=420)
             cache[key] = (out / "run", proc)
         return cache[key]

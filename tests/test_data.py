@@ -52,9 +52,44 @@ def test_hub_layout_with_integer_class_labels(tmp_path):
     assert [r["Label"] for r in read_table(str(tmp_path), "test").rows] == [None, None]
 
 
-def test_unknown_hub_name_is_a_clear_error():
-    with pytest.raises(DataError, match="load_dataset"):
-        read_table("nobody-here/no-such-dataset:cfg@train", "train")
+@pytest.mark.parametrize("spec,name,config,split", [
+    ("nobody-here/no-such-dataset:cfg@train", "nobody-here/no-such-dataset", "cfg", "train"),
+    ("wikitext:wikitext-2-raw-v1@validation", "wikitext", "wikitext-2-raw-v1", "validation"),  # no organisation
+    ("imdb", "imdb", None, "train"),
+])
+def test_hub_names_reach_load_dataset(spec, name, config, split):
+    """Read as NAME[:CONFIG][@SPLIT] and passed to load_dataset, which fails offline with its own message."""
+    with pytest.raises(DataError, match=rf"not a local file or folder, so read as a hub dataset: load_dataset\({name!r}, {config!r}, split={split!r}\) failed"):
+        read_table(spec, "train")
+
+
+@pytest.mark.parametrize("spec", ["missing.csv", "./wikitext", "data/more/train.jsonl"])
+def test_paths_that_do_not_exist_are_not_hub_names(spec):
+    with pytest.raises(DataError, match="no such file or folder"):
+        read_table(spec, "train")
+
+
+def test_held_out_split_is_stratified_disjoint_and_the_same_every_time(data_dir):
+    from peft_tuner.data import select_rows
+
+    rows = read_table(str(data_dir / "reviews.csv")).rows  # 8 positive, then 8 negative
+    cfg = DataConfig(eval_fraction=0.25, seed=3)
+    train, held_out = select_rows(rows, cfg, "train", "label"), select_rows(rows, cfg, "eval", "label")
+    assert sorted(train + held_out) == list(range(16)) and not set(train) & set(held_out)
+    assert sorted(rows[i]["label"] for i in held_out) == ["0", "0", "1", "1"]
+    assert held_out == select_rows(rows, cfg, "eval", "label")  # train and evaluate split alike
+    assert held_out != select_rows(rows, DataConfig(eval_fraction=0.25, seed=4), "eval", "label")
+
+
+def test_max_rows_draws_from_a_label_sorted_file_but_takes_the_head_of_test_rows(data_dir):
+    from peft_tuner.data import select_rows
+
+    rows = read_table(str(data_dir / "reviews.csv")).rows
+    drawn = select_rows(rows, DataConfig(max_rows=6), "train", "label")
+    assert len(drawn) == 6 and drawn == sorted(drawn)
+    assert {rows[i]["label"] for i in drawn} == {"0", "1"}  # the head of the file holds one class only
+    assert select_rows(rows, DataConfig(max_rows=6), "test", "label") == list(range(6))
+    assert select_rows(rows, DataConfig(max_rows=6, seed=1), "train", "label") != drawn
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "raft" / "twitter_complaints").is_dir(), reason="shared data not present")
@@ -84,7 +119,7 @@ def test_truncation_cuts_the_start_and_keeps_label_and_suffix(data_dir, tokenize
     table = read_table(str(data_dir / "raft"), "train")
     task = build_task(DataConfig(), table)
     encoder = Encoder(tokenizer, task, 48)
-    examples, cut = encode_training_rows(encoder, rows)
+    examples, cut, _ = encode_training_rows(encoder, rows)
     full = [len(encoder.prefix) + len(tokenizer(task.prompt(r), add_special_tokens=False)["input_ids"])
             + len(encoder.label_ids[r["Label"]]) for r in rows]
     assert cut == sum(n > 48 for n in full) >= 1
@@ -197,3 +232,36 @@ def test_chinese_reviews_with_numeric_labels_and_label_words(tmp_path, tokenizer
     example, _ = Encoder(tokenizer, task, 64).training_example(split.rows[0])
     label = [t for t, l in zip(example["input_ids"], example["labels"]) if l != IGNORE_INDEX]
     assert tokenizer.decode(label[:-1]) == "正面" and label[-1] == tokenizer.eos_token_id
+
+
+def test_tokenized_data_is_cached_and_rebuilt_when_any_part_of_its_key_changes(data_dir, tiny_models, tokenization_cache,
+                                                                               monkeypatch):
+    from peft_tuner.config import ModelConfig
+    from peft_tuner.data import Table, formats, text_blocks
+    from peft_tuner.modeling import load_tokenizer
+
+    builds = []
+    real_pack_text = formats.pack_text
+    monkeypatch.setattr(formats, "pack_text", lambda *a, **k: builds.append(1) or real_pack_text(*a, **k))
+    tokenizer = load_tokenizer(ModelConfig(name_or_path=str(tiny_models["llama"])))
+    lines = [{"text": f" line {i} of the text , with some words ."} for i in range(30)]
+    table, cfg = Table(rows=lines, columns=["text"], source="lines"), DataConfig(task="text", max_length=16)
+
+    first, hit = text_blocks(tokenizer, table, cfg)
+    assert (hit, len(builds)) == (False, 1) and list(tokenization_cache.glob("text-*.pkl"))
+    again, hit = text_blocks(tokenizer, table, cfg)
+    assert (hit, len(builds), again) == (True, 1, first)  # read, not tokenized
+    changed = Table(rows=lines[:-1] + [{"text": " another last line ."}], columns=["text"], source="lines")
+    other_eos = load_tokenizer(ModelConfig(name_or_path=str(tiny_models["llama"]), eos_token="<s>"))
+    for args in ((tokenizer, table, DataConfig(task="text", max_length=12)), (tokenizer, changed, cfg), (other_eos, table, cfg)):
+        assert text_blocks(*args)[1] is False
+    assert len(builds) == 4
+    assert text_blocks(tokenizer, table, DataConfig(task="text", max_length=16, cache=False)) == (first, False)
+    assert len(builds) == 5
+
+    rows = read_table(str(data_dir / "raft"), "train").rows
+    task = build_task(DataConfig(), read_table(str(data_dir / "raft"), "train"))
+    examples, _, hit = encode_training_rows(Encoder(tokenizer, task, 48), rows, cache=True)
+    assert not hit and encode_training_rows(Encoder(tokenizer, task, 48), rows, cache=True) == (examples, 0, True)
+    task.prompt_template = "{Tweet text} => "
+    assert encode_training_rows(Encoder(tokenizer, task, 48), rows, cache=True)[2] is False

@@ -58,6 +58,9 @@ CASES = {
     "model path": (dict(model={"name_or_path": "/nowhere/model"}), [], r"model.name_or_path: /nowhere/model does not exist"),
     "target module": (dict(peft={"target_modules": ["qkv"]}), [], r"\['qkv'\] match no module .* its linear layers are: down_proj"),
     "unknown method": (dict(peft={"method": "lora2"}), [], r"peft.method: 'lora2' is not one of .*did you mean lora"),
+    # a bare hub id is a hub id, not a missing folder: from_pretrained is asked (offline in the tests) and its word given
+    "hub model id": (dict(model={"name_or_path": "gpt2"}), [], r"model.name_or_path: gpt2 is not a local folder, so it was read as a hub id, and from_pretrained could not get it"),
+    "eval split twice": (dict(data={"eval_fraction": 0.2, "eval_file": "dev.csv"}), [], r"data.eval_fraction: data.eval_file is set too"),
     "deepspeed not json": (dict(), ["--deepspeed", "{bad}"], r"line 1: not valid JSON"),
     "deepspeed batch contradicts": (dict(), ["--deepspeed", "{batch}"], r"train_micro_batch_size_per_gpu=16 contradicts the recipe's train.batch_size=4"),
     "adalora under zero-3": (dict(peft={"method": "adalora"}), ["--deepspeed", "ds_configs/zero3.json"], r"adalora needs every rank's full gradients"),

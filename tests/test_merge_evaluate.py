@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -12,8 +13,8 @@ import torch
 import yaml
 
 from conftest import ROOT, launch_command, records, run, summary, write_recipe
-from peft_tuner.config import Config, ConfigError, ModelConfig, PeftSettings
-from peft_tuner.data import DataError, Encoder, build_task, prepare_split, read_table
+from peft_tuner.config import Config, ConfigError, DataConfig, ModelConfig, PeftSettings
+from peft_tuner.data import DataError, Encoder, build_task, prepare_split, read_table, select_rows
 from peft_tuner.evaluate import (CandidateTree, classification_metrics, prior_offsets, rank_scores, takes_tree_mask,
                                  text_to_class)
 from peft_tuner.merge import MergeError, merge
@@ -189,17 +190,32 @@ def test_plain_text_task_trains_and_reports_perplexity(tiny_models, tmp_path):
     from peft_tuner.evaluate import evaluate
 
     text = tmp_path / "train.txt"
-    text.write_text("\n".join(f" the game began development in {2000 + i} , carrying over work ." for i in range(40)))
+    text.write_text("\n".join(f" the game began development in {2000 + i} , carrying over work ." for i in range(39)))
     recipe = write_recipe(tmp_path / "recipe.yaml", tiny_models["gpt2"], text, tmp_path / "run",
                           data={"task": "text", "text_column": "text", "eval_file": str(text), "max_length": 32},
-                          train={"epochs": 3, "batch_size": 4})
+                          train={"epochs": 3, "batch_size": 4, "eval_each_epoch": True})
     run(launch_command("python") + [str(recipe)], timeout=200)
     cfg = load_config(str(recipe))
     base = evaluate(cfg, tmp_path / "eval_base", quiet=True)
-    tuned = evaluate(cfg, tmp_path / "eval_tuned", adapter_dir=str(tmp_path / "run" / "adapter"), quiet=True)
-    assert base["tokens"] == tuned["tokens"] > 0
+    adapter = str(tmp_path / "run" / "adapter")
+    tuned = evaluate(cfg, tmp_path / "eval_tuned", adapter_dir=adapter, quiet=True)
+    assert base["tokens"] == tuned["tokens"] > 0 and tuned["dtype"] == "fp32"
     assert tuned["perplexity"] < base["perplexity"]
-    assert tuned["perplexity"] == pytest.approx(__import__("math").exp(tuned["loss"]))
+    assert tuned["perplexity"] == pytest.approx(math.exp(tuned["loss"]))
+
+    # after each epoch of training: eval loss and perplexity, falling; the last one is what evaluate measures
+    evals = [r for r in records(tmp_path / "run") if r.get("event") == "eval"]
+    assert [r["epoch"] for r in evals] == [1, 2, 3]
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] and evals[-1]["perplexity"] == pytest.approx(math.exp(evals[-1]["eval_loss"]))
+    assert evals[-1]["eval_loss"] == pytest.approx(tuned["loss"], abs=1e-4)
+
+    # over 2 processes (an odd number of blocks): every block once, the same loss, printed once
+    two = run(launch_command("torchrun", "launch/evaluate.py") + [str(recipe), "--adapter", adapter, "--out",
+                                                                   str(tmp_path / "eval_two")], timeout=300)
+    assert two.stdout.count("perplexity") == 1 and "on 2 process(es)" in two.stdout
+    metrics = json.loads((tmp_path / "eval_two" / "metrics_text.json").read_text())
+    assert metrics["processes"] == 2 and metrics["blocks"] == tuned["blocks"] and metrics["blocks"] % 2 == 1
+    assert metrics["loss"] == pytest.approx(tuned["loss"], abs=1e-5)
 
 
 def test_several_adapters_are_scored_as_one_ensemble(tiny_models, tmp_path, data_dir):
@@ -317,7 +333,9 @@ def test_pseudo_label_writes_the_training_rows_then_the_labelled_test_rows(tiny_
     # data.max_rows cut the adapters' training rows: the CSV holds just those, and the hint lifts the cut for the student
     capsys.readouterr()
     assert main(["pseudo-label", str(recipe), "data.max_rows=5", *adapters, "--out", str(out), "--overwrite"]) == 0
-    assert [r["Tweet text"] for r in csv.DictReader(out.open())][:6] == [r["Tweet text"] for r in train[:5]] + [test[0]["Tweet text"]]
+    seen = [train[i]["Tweet text"] for i in select_rows(train, DataConfig(max_rows=5), "train", "Label")]  # as training drew them
+    assert len(seen) == 5 and seen != [r["Tweet text"] for r in train[:5]]
+    assert [r["Tweet text"] for r in csv.DictReader(out.open())][:6] == seen + [test[0]["Tweet text"]]
     assert "data.label_column=Label data.max_rows=null" in capsys.readouterr().out
 
 

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from conftest import ROOT, launch_command, run, step_losses, summary, write_recipe
+from conftest import ROOT, ds_config, launch_command, records, run, step_losses, summary, write_recipe
 
 # (launcher, ZeRO stage, arch, micro batch, where the run is killed); the reference is the uninterrupted launcher run.
 CRASHES = [
@@ -31,7 +31,7 @@ def crash_recipe(tmp_path, tiny_models, data_dir, arch, batch_size, **extra):
 
 def train_command(launcher, stage, recipe):
     cmd = launch_command(launcher, stage=stage) + [str(recipe)]
-    return cmd + (["--deepspeed", f"ds_configs/zero{stage}.json"] if launcher != "python" else [])
+    return cmd + (["--deepspeed", ds_config(f"zero{stage}.json")] if launcher != "python" else [])
 
 
 @pytest.mark.parametrize("launcher,stage,arch,batch_size,kill_at", CRASHES,
@@ -46,6 +46,8 @@ def test_killed_run_resumes_to_the_same_adapter(trained, tiny_models, data_dir, 
     if kill_at.startswith("in_checkpoint"):
         assert list((tmp_path / "run" / "checkpoints").glob(".tmp-step-*"))  # the half-written one is there ...
     resumed = run(train_command(launcher, stage, recipe) + ["--resume"], timeout=300)
+    starts = [r for r in records(tmp_path / "run") if r.get("event") == "start"]
+    assert starts[-1]["start_step"] > 0 and starts[-1]["tokenized_from_cache"]  # the same rows: read, not tokenized
     if kill_at.startswith("in_checkpoint"):
         assert "half-written checkpoint" in resumed.stderr  # ... and was skipped with a warning
     expected = load_file(reference / "adapter" / "adapter_model.safetensors")

@@ -6,6 +6,7 @@ of the template (`Label : `) and the label always stay.
 """
 from __future__ import annotations
 
+import random
 import string
 from dataclasses import dataclass, field
 from typing import Optional
@@ -13,6 +14,7 @@ from typing import Optional
 import torch
 
 from peft_tuner.config import DataConfig
+from peft_tuner.data.cache import cached_examples, rows_fingerprint, tokenizer_fingerprint
 from peft_tuner.data.sources import DataError, Table
 
 IGNORE_INDEX = -100
@@ -81,8 +83,29 @@ def build_task(cfg: DataConfig, table: Table) -> ClassificationTask:
     return ClassificationTask(text_column, label_column, template, list(class_names), label_words)
 
 
-def prepare_split(task: ClassificationTask, table: Table, cfg: DataConfig, require_labels: bool) -> Split:
-    """Check every row: text present (drop or refuse empties), label a known class; count what was dropped."""
+def select_rows(rows: list[dict], cfg: DataConfig, role: str, label_column: str) -> list[int]:
+    """The indices of the rows of a table that serve `role` (train, eval or test), in file order.
+
+    With data.eval_fraction, train_file's rows are split: each class gives that share of its rows, drawn with data.seed,
+    to eval, and the rest to train (so train and evaluate, split alike, never share a row). Then data.max_rows cuts:
+    a labelled split to a seeded draw (a file sorted by label still gives every class), a test split to its head."""
+    chosen = range(len(rows))
+    if cfg.eval_fraction and role in ("train", "eval"):
+        by_class: dict[str, list[int]] = {}
+        for i, row in enumerate(rows):
+            by_class.setdefault(str(row.get(label_column)), []).append(i)
+        held_out = set()
+        for name, indices in sorted(by_class.items()):
+            held_out.update(random.Random(f"{cfg.seed}:{name}").sample(indices, round(cfg.eval_fraction * len(indices))))
+        chosen = [i for i in chosen if (i in held_out) == (role == "eval")]
+    if cfg.max_rows and cfg.max_rows < len(chosen):
+        chosen = sorted(random.Random(cfg.seed).sample(list(chosen), cfg.max_rows)) if role != "test" else chosen[: cfg.max_rows]
+    return list(chosen)
+
+
+def prepare_split(task: ClassificationTask, table: Table, cfg: DataConfig, require_labels: bool, role: str = "train") -> Split:
+    """The rows of `role` (see select_rows), each checked: text present (drop or refuse empties), label a known class;
+    counts what was dropped."""
     if task.text_column not in table.columns:
         raise DataError(f"{table.source}: no column '{task.text_column}' (data.text_column); columns there: {', '.join(table.columns)}")
     missing = [c for c in task.template_columns if c not in table.columns]
@@ -93,7 +116,8 @@ def prepare_split(task: ClassificationTask, table: Table, cfg: DataConfig, requi
         raise DataError(f"{table.source}: no label column '{task.label_column}' (data.label_column); columns there: {', '.join(table.columns)}")
     rows, dropped = [], 0
     known = set(task.class_names)
-    for index, row in enumerate(table.rows[: cfg.max_rows] if cfg.max_rows else table.rows):
+    for index in select_rows(table.rows, cfg, role, task.label_column):
+        row = table.rows[index]
         text = row.get(task.text_column)
         if text is None or not str(text).strip():
             if cfg.empty_text == "error":
@@ -119,6 +143,21 @@ def prepare_split(task: ClassificationTask, table: Table, cfg: DataConfig, requi
 # Tokenization
 
 
+def leading_special_tokens(tokenizer) -> list[int]:
+    """The special tokens the tokenizer puts before a text (BOS; [CLS] for a BERT vocabulary). What it puts after
+    ([SEP]) is left out: a prompt goes on with the label, a text with the next one."""
+    with_specials = tokenizer("hello")["input_ids"]
+    plain = tokenizer("hello", add_special_tokens=False)["input_ids"]
+    n = len(plain)
+    start = next((i for i in range(len(with_specials) - n + 1) if with_specials[i:i + n] == plain), 0)
+    return list(with_specials[:start])
+
+
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    """A free-text prompt as generation sees it: the leading special tokens, then the text, nothing after."""
+    return leading_special_tokens(tokenizer) + tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 @dataclass
 class Encoder:
     """Tokenizes prompts and labels the same way for training, rank classification and generation."""
@@ -129,11 +168,7 @@ class Encoder:
     prefix: list[int] = field(default_factory=list)  # special tokens the tokenizer puts first (BOS)
 
     def __post_init__(self):
-        probe_special = self.tokenizer("hello")["input_ids"]
-        probe_plain = self.tokenizer("hello", add_special_tokens=False)["input_ids"]
-        n = len(probe_plain)
-        start = next((i for i in range(len(probe_special) - n + 1) if probe_special[i:i + n] == probe_plain), 0)
-        self.prefix = list(probe_special[:start])
+        self.prefix = leading_special_tokens(self.tokenizer)
         self.label_ids = {name: self._plain(word) + [self.tokenizer.eos_token_id] for name, word in self.task.label_words.items()}
         suffix = self.task.prompt_template.rsplit("}", 1)[-1]
         self.suffix_len = len(self._plain(suffix)) + 1 if suffix else 0  # +1: a merge across the boundary
@@ -162,13 +197,22 @@ class Encoder:
         return {"input_ids": prompt + label_ids, "labels": [IGNORE_INDEX] * len(prompt) + label_ids}, cut
 
 
-def encode_training_rows(encoder: Encoder, rows: list[dict]) -> tuple[list[dict], int]:
-    examples, cut = [], 0
-    for row in rows:
-        example, was_cut = encoder.training_example(row)
-        examples.append(example)
-        cut += was_cut
-    return examples, cut
+def encode_training_rows(encoder: Encoder, rows: list[dict], cache: bool = False) -> tuple[list[dict], int, bool]:
+    """(examples, how many prompts were cut, whether they came from the tokenization cache)."""
+    def build():
+        examples, cut = [], 0
+        for row in rows:
+            example, was_cut = encoder.training_example(row)
+            examples.append(example)
+            cut += was_cut
+        return examples, cut
+
+    if not cache:
+        return (*build(), False)
+    key = {"tokenizer": tokenizer_fingerprint(encoder.tokenizer), "rows": rows_fingerprint(rows),
+           "task": encoder.task.to_dict(), "max_length": encoder.max_length}
+    (examples, cut), hit = cached_examples("classification", key, build)
+    return examples, cut, hit
 
 
 def pack_text(tokenizer, texts: list[str], block_size: int) -> list[dict]:
@@ -182,6 +226,20 @@ def pack_text(tokenizer, texts: list[str], block_size: int) -> list[dict]:
         raise DataError(f"the text holds {len(stream)} tokens, fewer than one block of data.max_length={block_size}")
     return [{"input_ids": stream[i * block_size:(i + 1) * block_size], "labels": stream[i * block_size:(i + 1) * block_size]}
             for i in range(n_blocks)]
+
+
+def text_blocks(tokenizer, table: Table, cfg: DataConfig) -> tuple[list[dict], bool]:
+    """Plain-text task: the first data.max_rows texts of data.text_column (default `text`), packed into blocks;
+    returns (blocks, whether they came from the tokenization cache)."""
+    column = cfg.text_column or "text"
+    if column not in table.columns:
+        raise DataError(f"{table.source}: no column '{column}' (data.text_column); columns: {', '.join(table.columns)}")
+    texts = [str(r.get(column, "")) for r in table.rows[: cfg.max_rows]]
+    build = lambda: pack_text(tokenizer, texts, cfg.max_length)  # noqa: E731
+    if not cfg.cache:
+        return build(), False
+    key = {"tokenizer": tokenizer_fingerprint(tokenizer), "rows": rows_fingerprint(texts), "max_length": cfg.max_length}
+    return cached_examples("text", key, build)
 
 
 def collate(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:

@@ -40,13 +40,18 @@ def read_table(spec: str, role: str = "train") -> Table:
         return _read_hub(str(path), None, HUB_SPLITS[role], spec)
     if path.is_file():
         return _read_file(path)
-    looks_like_hub = "/" in spec and not spec.startswith((".", "/")) and not Path(spec.split(":")[0].split("@")[0]).suffix
+    name, _, split = spec.partition("@")
+    name, _, config = name.partition(":")
+    # A hub name is NAME or ORG/NAME: not a path (./ / ~), no deeper folders, no data file's suffix.
+    looks_like_hub = (not spec.startswith((".", "/", "~")) and name.count("/") <= 1 and name
+                      and Path(name).suffix.lower() not in DATA_SUFFIXES)
     if looks_like_hub:
-        name, _, split = spec.partition("@")
-        name, _, config = name.partition(":")
         return _read_hub(name, config or None, split or HUB_SPLITS[role], spec)
     raise DataError(f"{spec}: no such file or folder (give a csv/json/jsonl/parquet file, a RAFT folder, "
                     f"or a hub dataset as NAME[:CONFIG][@SPLIT])")
+
+
+DATA_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet", ".txt")
 
 
 def _read_file(path: Path) -> Table:
@@ -168,7 +173,8 @@ def _read_hub(name: str, config: Optional[str], split: str, spec: str) -> Table:
     try:
         dataset = datasets.load_dataset(name, config, split=split)
     except Exception as e:  # offline, unknown name, unknown split: all come as different types
-        raise DataError(f"{spec}: load_dataset({name!r}, {config!r}, split={split!r}) failed: {e}") from e
+        raise DataError(f"{spec}: not a local file or folder, so read as a hub dataset: load_dataset({name!r}, "
+                        f"{config!r}, split={split!r}) failed: {e}") from e
     class_names = None
     label_columns = [c for c, f in dataset.features.items() if isinstance(f, datasets.ClassLabel)]
     rows = dataset.to_list()
