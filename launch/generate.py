@@ -4,7 +4,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from peft_tuner.cli import main  # noqa: E402
+from peft_tuner.cli import run_and_exit  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(["generate", *sys.argv[1:]]))
+    run_and_exit(["generate", *sys.argv[1:]])

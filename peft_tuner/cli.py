@@ -86,5 +86,16 @@ def _make_tiny(args) -> int:
     return 0
 
 
+def run_and_exit(argv: list[str] | None = None) -> None:
+    """The console script and the launch/*.py scripts: main(), then the process ends (see distributed.exit_process)."""
+    from peft_tuner.distributed import exit_process
+
+    try:
+        code = main(argv)
+    except SystemExit as stop:  # a run stopped by a signal (143), argparse's usage errors (2)
+        code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+    exit_process(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run_and_exit()

@@ -214,10 +214,53 @@ def check_shared_folder(folder: Path) -> None:
 
 
 def shutdown() -> None:
-    """Leave the process group together: a rank that exits while another still works aborts the gloo group."""
+    """Leave the process group together (a rank that exits while another still works aborts the gloo group), and free
+    every group while the interpreter is whole. A group lives as long as something references it, and its gloo threads
+    with it: left to interpreter shutdown, one of them aborted the process now and then ("terminate called without an
+    active exception"), after the run had saved everything. The references were DeepSpeed's: the engine, its ZeRO-3
+    parameters (`ds_process_group`) and its own module globals, the engine kept alive by the autograd hooks ZeRO-3 puts
+    on every parameter's gradient accumulator (a cycle through C++ that Python's collector cannot see): the trainer
+    calls `engine.destroy()`, which removes them, and drops the engine before it leaves."""
+    import gc
+
+    gc.collect()  # the engine and its parameters, now a plain Python cycle
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+        import deepspeed.comm
+
+        if deepspeed.comm.is_initialized():
+            deepspeed.comm.destroy_process_group()  # also drops DeepSpeed's own references to the groups
+        else:
+            torch.distributed.destroy_process_group()
+
+
+def exit_process(code: int) -> None:
+    """End a launched process with `code`. If threads of a process group still run (ZeRO-3: DeepSpeed's engine and its
+    partitioned parameters outlive the run and hold their groups past destroy_process_group, through references
+    Python's collector cannot free), the interpreter's finalization is skipped, stdout and stderr flushed first: one
+    such gloo thread, meeting finalization, aborted the process now and then (SIGABRT, "terminate called without an
+    active exception") after the run had saved everything, and a scheduler records that job as failed."""
+    import sys
+
+    if process_group_threads():
+        if os.environ.get("PEFT_TUNER_DEBUG_EXIT"):
+            print(f"peft-tuner: {len(process_group_threads())} process-group thread(s) still running; exiting {code} "
+                  "without interpreter finalization", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
+def process_group_threads() -> list[str]:
+    """Names of this process's threads that belong to a gloo process group (Linux; elsewhere none are seen)."""
+    names = []
+    for comm in Path("/proc/self/task").glob("*/comm"):
+        with contextlib.suppress(OSError):
+            name = comm.read_text().strip()
+            if name.startswith(("gloo", "pt_gloo")):
+                names.append(name)
+    return names
 
 
 def rank() -> int:

@@ -116,6 +116,8 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
              f"{result['mean_step_seconds']:.3f} s/step | peak memory {summary['peak_memory_gb']:.2f} GB | adapter: {adapter_dir}")
     if dist.is_main():
         (Path(cfg.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
+    engine.destroy()  # its hooks keep it, and through it every process group, alive (see dist.shutdown)
+    del engine, model
     dist.shutdown()
     return summary
 
