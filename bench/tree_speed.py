@@ -14,6 +14,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import peft_tuner.evaluate as ev  # noqa: E402
+import peft_tuner.scoring as scoring  # noqa: E402
 from peft_tuner.config import load_config  # noqa: E402
 from peft_tuner.data import Encoder, read_table  # noqa: E402
 
@@ -30,11 +31,11 @@ model, tokenizer, _ = ev.load_for_inference(cfg)
 encoder = Encoder(tokenizer, ev.load_task(cfg, None), cfg.data.max_length)
 rows = read_table(data, "test").rows[: args.rows]
 started = time.time()
-tree = ev.rank_scores(model, encoder, rows, 8)
+tree = scoring.rank_scores(model, encoder, rows, 8)
 tree_seconds = time.time() - started
-ev.takes_tree_mask = lambda _model: False  # the per-candidate cache path
+scoring.takes_tree_mask = lambda _model: False  # the per-candidate cache path
 started = time.time()
-cache = ev.rank_scores(model, encoder, rows, 8)
+cache = scoring.rank_scores(model, encoder, rows, 8)
 cache_seconds = time.time() - started
 print(f"{args.dtype}, {len(rows)} rows: tree {len(rows) / tree_seconds:.2f} examples/s, per-candidate cache "
       f"{len(rows) / cache_seconds:.2f}; largest score difference {(tree - cache).abs().max():.4f}, "

@@ -21,6 +21,7 @@ import torch
 
 from peft_tuner import distributed as dist
 from peft_tuner.config import Config, save_config
+from peft_tuner.errors import PeftTunerError
 
 CONFIG_FILE = "run_config.yaml"
 ADAPTER_DIR = "adapter"
@@ -43,7 +44,7 @@ def kill_point(point: str, step: int) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-class ResumeError(ValueError):
+class ResumeError(PeftTunerError):
     """The checkpoint cannot continue this run; the message says what differs."""
 
 

@@ -1,14 +1,19 @@
-"""`peft-tuner train | merge | evaluate | pseudo-label | distill | generate | prepare-model | convert-gguf | make-tiny-model | demo`.
+"""The `peft-tuner` command: every verb, and how its config is resolved.
 
-Every verb takes a recipe YAML and `section.key=value` overrides; a user mistake prints one message and exits 2.
+    train | merge | evaluate | pseudo-label | distill | generate | convert-loralib | config | prepare-model |
+    convert-gguf | make-tiny-model | demo
+
+A verb takes a recipe YAML (or, after training, the config saved beside --adapter / --model) and `section.key=value`
+overrides; a user mistake (any PeftTunerError) prints one message and exits 2. The verbs' modules are imported only
+when the verb runs, so `--help` is quick.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
-
-USER_ERRORS = ("ConfigError", "DataError", "ModelError", "ResumeError", "MergeError", "PrepareError", "TrainingStopped")
+from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,66 +29,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown option(s) {' '.join(flags)}; config values are given as section.key=value")
     args.overrides = list(getattr(args, "overrides", []) or []) + extra
     from peft_tuner.distributed import use_cpu_accelerator_if_no_gpu
+    from peft_tuner.errors import PeftTunerError
 
     use_cpu_accelerator_if_no_gpu()  # before anything imports deepspeed: no GPU means its CPU accelerator, said plainly
     try:
         return int(args.run(args) or 0)
-    except Exception as e:  # user mistakes get one clean message; anything else keeps its traceback
-        if type(e).__name__ not in USER_ERRORS:
-            raise
+    except PeftTunerError as e:  # user mistakes get one clean message; anything else keeps its traceback
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {e}", file=sys.stderr)
         return 2
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="peft-tuner", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command")
-
-    p = sub.add_parser("train", help="fine-tune under DeepSpeed (any launcher) and save the adapter")
-    p.add_argument("recipe", help="recipe YAML, e.g. configs/twitter_complaints_lora.yaml")
-    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.epochs=1")
-    p.add_argument("--deepspeed", help="DeepSpeed JSON config (ds_configs/zero2.json, zero3.json, ...)")
-    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in output_dir")
-    p.add_argument("--overwrite", action="store_true", help="replace a run already in output_dir")
-    p.set_defaults(run=_train)
-
-    p = sub.add_parser("make-tiny-model", help="write a tiny random model with a local tokenizer (for trying things out)")
-    p.add_argument("out_dir")
-    p.add_argument("--arch", default="llama", help="gpt2, bloom, opt or llama")
-    p.set_defaults(run=_make_tiny)
-    _add_later_verbs(sub)
-    return parser
-
-
-def _add_later_verbs(sub) -> None:
-    """Verbs whose modules import heavier pieces; registered here so `--help` lists them all."""
-    from peft_tuner import cli_more
-
-    cli_more.register(sub)
-
-
-def _load(args):
-    from peft_tuner.config import load_config
-
-    overrides = list(args.overrides)
-    if getattr(args, "deepspeed", None):
-        overrides.append(f"deepspeed={args.deepspeed}")
-    return load_config(args.recipe, overrides)
-
-
-def _train(args) -> int:
-    from peft_tuner.trainer import train
-
-    train(_load(args), resume=args.resume, overwrite=args.overwrite)
-    return 0
-
-
-def _make_tiny(args) -> int:
-    from peft_tuner.tiny import build_tiny_model
-
-    print(build_tiny_model(args.out_dir, args.arch))
-    return 0
 
 
 def run_and_exit(argv: list[str] | None = None) -> None:
@@ -94,7 +48,294 @@ def run_and_exit(argv: list[str] | None = None) -> None:
         code = main(argv)
     except SystemExit as stop:  # a run stopped by a signal (143), argparse's usage errors (2)
         code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+    except BrokenPipeError:  # `peft-tuner config | head`: the reader left
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 0
     exit_process(code)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The verbs
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="peft-tuner", description="Parameter-efficient fine-tuning of causal LMs "
+                                     "under DeepSpeed ZeRO, from any launcher.")
+    sub = parser.add_subparsers(dest="command")
+
+    p = sub.add_parser("train", help="fine-tune under DeepSpeed (any launcher) and save the adapter")
+    p.add_argument("recipe", help="recipe YAML, e.g. configs/twitter_complaints_lora.yaml")
+    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.epochs=1")
+    p.add_argument("--deepspeed", help="DeepSpeed JSON config (ds_configs/zero2.json, zero3.json, ...)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in output_dir")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in output_dir")
+    p.set_defaults(run=_train)
+
+    p = sub.add_parser("merge", help="merge an adapter into its base model; verify; save a standalone folder")
+    _add_items(p)
+    p.add_argument("--adapter", required=True, help="adapter folder written by training (output_dir/adapter)")
+    p.add_argument("--out", required=True, help="folder for the merged model (must be empty unless --overwrite)")
+    p.add_argument("--base", help="base model (hub id, folder, .gguf); default: the one the adapter was trained on")
+    p.add_argument("--dtype", default="fp32", help="dtype of the saved merged weights: fp32, bf16 or fp16")
+    p.add_argument("--max-shard-size", default="2GB")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(run=_merge)
+
+    p = sub.add_parser("evaluate", help="batch evaluation: rank classification or generation; metrics and predictions")
+    _add_items(p)
+    _add_model_flags(p, ensemble=True)
+    p.add_argument("--split", default="eval", choices=["eval", "test"], help="data.eval_file or data.test_file")
+    p.add_argument("--method", choices=["rank", "generate"], help="default: eval.method")
+    p.add_argument("--out", help="where predictions and metrics go (default: output_dir/eval)")
+    p.set_defaults(run=_evaluate)
+
+    p = sub.add_parser("pseudo-label", help="label data.test_file's rows with adapters (an ensemble, say) and write "
+                       "them with the training rows to one CSV, for training a student adapter on")
+    _add_items(p)
+    _add_model_flags(p, ensemble=True)
+    p.add_argument("--rows", type=int, help="label the first N rows of data.test_file (default: all)")
+    p.add_argument("--out", required=True, help="the CSV to write (training rows, then the labelled rows)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out and its _scores folder if they exist")
+    p.set_defaults(run=_pseudo_label)
+
+    p = sub.add_parser("distill", help="the distillation recipe in one command: teachers (seeds 1..N), their "
+                       "ensemble's labels for unlabelled rows, one student adapter; each evaluated")
+    p.add_argument("items", nargs="*", help="RECIPE.yaml [section.key=value ...]")
+    p.add_argument("--out", required=True, help="folder for the teachers, the labels and the student; a second call "
+                   "with the same settings continues there")
+    p.add_argument("--teachers", type=int, help="how many teachers, seeds 1..N (default: distill.teachers, 3)")
+    p.add_argument("--rows", type=int, help="label the first N rows of data.test_file (default: distill.rows, 400)")
+    p.add_argument("--student-epochs", type=int, help="the student's epochs (default: distill.student_epochs, 3)")
+    p.add_argument("--processes", type=int, default=1, help="1: one plain process; N > 1: DeepSpeed ZeRO-2 on N "
+                   "GPUs, or N CPU processes")
+    p.add_argument("--overwrite", action="store_true", help="replace a distillation with other settings in --out "
+                   "(finished teachers of the same recipe are kept)")
+    p.set_defaults(run=_distill)
+
+    p = sub.add_parser("generate", help="generate text: greedy, beam, sampling, top-k/top-p")
+    _add_items(p, example="generate.num_beams=4")
+    _add_model_flags(p)
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    p.add_argument("--prompt-file", help="a file with one prompt per line")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=_generate)
+
+    p = sub.add_parser("convert-loralib", help="turn LoRA weights trained with loralib (Microsoft's LoRA code) into a "
+                       "peft adapter folder, which merge, evaluate and generate then take with --adapter")
+    p.add_argument("checkpoint", help="torch.save of loralib.lora_state_dict(model) (or of a whole state dict)")
+    p.add_argument("--base", required=True, help="the base model loralib adapted (hub id, folder, .gguf)")
+    p.add_argument("--r", type=int, required=True, help="loralib's rank r")
+    p.add_argument("--alpha", type=int, required=True, help="loralib's lora_alpha")
+    p.add_argument("--enable-lora", help="for MergedLinear layers: which output chunks have LoRA, e.g. true,false,true "
+                   "(default: GPT-2's q,k,v example, q and v)")
+    p.add_argument("--out", required=True, help="adapter folder to write (must be empty unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(run=_convert_loralib)
+
+    p = sub.add_parser("config", help="list every config key with its type, default and help (of one section)")
+    p.add_argument("section", nargs="?", help="model, data, peft, train, eval, generate, distill (default: all)")
+    p.set_defaults(run=_config)
+
+    p = sub.add_parser("prepare-model", help="download and convert the embedded default model (SmolLM2-135M-Instruct)")
+    p.add_argument("name", nargs="?", default="smollm2", help="smollm2")
+    p.add_argument("--cache-dir", help="where converted models live (default: $PEFT_TUNER_CACHE/models or "
+                   "~/.cache/peft_tuner/models)")
+    p.set_defaults(run=_prepare_model)
+
+    p = sub.add_parser("convert-gguf", help="convert a GGUF file into a plain safetensors model folder")
+    p.add_argument("gguf_file")
+    p.add_argument("out_dir")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(run=_convert_gguf)
+
+    p = sub.add_parser("make-tiny-model", help="write a tiny random model with a local tokenizer (for trying things out)")
+    p.add_argument("out_dir")
+    p.add_argument("--arch", default="llama", help="gpt2, bloom, opt or llama")
+    p.set_defaults(run=_make_tiny)
+
+    p = sub.add_parser("demo", help="the main job end to end: prepare, evaluate, train (DeepSpeed), predict, merge, report")
+    p.add_argument("items", nargs="*", help="section.key=value overrides of the recipe")
+    p.add_argument("--recipe", help="default: configs/twitter_complaints_smollm2.yaml")
+    p.add_argument("--out", default="outputs/demo", help="the demo's folder (replaced on each run)")
+    p.add_argument("--tiny", action="store_true", help="a tiny random model instead of SmolLM2 (a quick check)")
+    p.add_argument("--processes", type=int, default=2)
+    p.add_argument("--test-rows", type=int, help="predict only the first N test rows")
+    p.set_defaults(run=_demo)
+    return parser
+
+
+def _add_items(p, example: str = "train.epochs=1") -> None:
+    p.add_argument("items", nargs="*", help=f"[RECIPE.yaml] [section.key=value ...], e.g. {example}")
+
+
+def _add_model_flags(p, ensemble: bool = False) -> None:
+    if ensemble:
+        p.add_argument("--adapter", action="append", help="adapter folder, on the base model of its saved config; "
+                       "repeat it to score several adapters (other seeds, say) as one ensemble")
+    else:
+        p.add_argument("--adapter", help="adapter folder, on the base model of its saved config")
+    p.add_argument("--model", help="merged (standalone) model folder")
+    p.add_argument("--base", help="base model instead of the configured one")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The config of a verb
+
+
+def recipe_and_overrides(args) -> tuple[list[str], list[str]]:
+    """The recipe YAMLs named (train's first argument, or items ending in .yaml) and the section.key=value overrides,
+    --deepspeed, --base and --method included."""
+    items = list(getattr(args, "items", []) or []) + list(getattr(args, "overrides", []) or [])
+    recipes = [i for i in items if i.endswith((".yaml", ".yml")) and "=" not in i]
+    overrides = [i for i in items if i not in recipes]
+    if getattr(args, "recipe", None):
+        recipes.insert(0, args.recipe)
+    if getattr(args, "deepspeed", None):
+        overrides.append(f"deepspeed={args.deepspeed}")
+    if getattr(args, "base", None):
+        overrides.append(f"model.name_or_path={args.base}")
+    if getattr(args, "method", None):
+        overrides.append(f"eval.method={args.method}")
+    return recipes, overrides
+
+
+def resolve_config(args, problems: list[str] | None = None):
+    """The recipe if one is given, else the config saved beside --adapter / --model; the overrides on top. With a
+    `problems` list, the config's problems are added to it instead of raised (train reports them with the rest)."""
+    import yaml
+
+    from peft_tuner.checkpoint import ADAPTER_CONFIG_FILE
+    from peft_tuner.config import ConfigError, load_config
+
+    recipes, overrides = recipe_and_overrides(args)
+    if len(recipes) > 1:
+        raise ConfigError(f"give one recipe, not {recipes}")
+    if recipes:
+        return load_config(recipes[0], overrides, problems=problems)
+    adapter = getattr(args, "adapter", None)
+    saved_dir = (adapter[0] if isinstance(adapter, list) else adapter) or getattr(args, "model", None)
+    saved = Path(saved_dir) / ADAPTER_CONFIG_FILE if saved_dir else None
+    if saved is None or not saved.is_file():
+        raise ConfigError("no recipe given and no saved config beside the model; pass RECIPE.yaml")
+    return load_config(None, overrides, base=yaml.safe_load(saved.read_text()), problems=problems)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# What each verb runs
+
+
+def _train(args) -> int:
+    from peft_tuner.trainer import train
+
+    problems: list[str] = []  # the config's, reported with every other problem the preflight finds
+    cfg = resolve_config(args, problems)
+    train(cfg, resume=args.resume, overwrite=args.overwrite, problems=problems)
+    return 0
+
+
+def _merge(args) -> int:
+    from peft_tuner.merge import merge
+
+    result = merge(resolve_config(args), args.adapter, args.out, dtype=args.dtype, overwrite=args.overwrite,
+                   max_shard_size=args.max_shard_size)
+    print(f"merged {args.adapter} into {result['out_dir']} ({result['parameters']:,} parameters, {result['dtype']}); "
+          f"largest |logit| difference to base+adapter: {result['max_logit_diff']:.2e}")
+    return 0
+
+
+def _evaluate(args) -> int:
+    from peft_tuner.evaluate import evaluate
+
+    cfg = resolve_config(args)
+    out = args.out or str(Path(cfg.output_dir) / "eval")
+    evaluate(cfg, out, split=args.split, model_dir=args.model, adapter_dir=args.adapter, method=args.method)
+    return 0
+
+
+def _pseudo_label(args) -> int:
+    from peft_tuner.distill import pseudo_label
+
+    pseudo_label(resolve_config(args), args.out, adapter_dir=args.adapter, model_dir=args.model, rows=args.rows,
+                 overwrite=args.overwrite)
+    return 0
+
+
+def _distill(args) -> int:
+    from peft_tuner.config import ConfigError
+    from peft_tuner.distill import distill
+
+    recipes, overrides = recipe_and_overrides(args)
+    if len(recipes) != 1:
+        raise ConfigError(f"distill: give one recipe YAML (got {recipes or 'none'})")
+    flags = {"teachers": args.teachers, "rows": args.rows, "student_epochs": args.student_epochs}
+    overrides += [f"distill.{k}={v}" for k, v in flags.items() if v is not None]
+    distill(recipes[0], args.out, overrides, processes=args.processes, overwrite=args.overwrite)
+    return 0
+
+
+def _generate(args) -> int:
+    from peft_tuner.evaluate import load_for_inference
+    from peft_tuner.generate import generate, read_prompts
+
+    cfg = resolve_config(args)
+    prompts = read_prompts(args.prompt, args.prompt_file)
+    model, tokenizer, _ = load_for_inference(cfg, args.model, args.adapter)
+    for prompt, outputs in zip(prompts, generate(model, tokenizer, prompts, cfg, seed=args.seed)):
+        print(json.dumps({"prompt": prompt, "outputs": outputs}, ensure_ascii=False))
+    return 0
+
+
+def _convert_loralib(args) -> int:
+    from peft_tuner.config import ConfigError
+    from peft_tuner.convert import convert_loralib
+
+    enable = None
+    if args.enable_lora:
+        words = [w.strip().lower() for w in args.enable_lora.split(",")]
+        if not set(words) <= {"true", "false"}:
+            raise ConfigError(f"--enable-lora {args.enable_lora}: write it as true/false per chunk, e.g. true,false,true")
+        enable = [w == "true" for w in words]
+    result = convert_loralib(args.checkpoint, args.base, args.out, r=args.r, alpha=args.alpha, enable_lora=enable,
+                             overwrite=args.overwrite)
+    print(f"converted {result['layers']} loralib layer(s) of {args.checkpoint} into the peft adapter {result['out_dir']} "
+          f"(r={result['peft_r']}, lora_alpha={result['peft_lora_alpha']}); use it with --adapter {result['out_dir']}")
+    return 0
+
+
+def _config(args) -> int:
+    from peft_tuner.config import describe
+
+    print(describe(args.section))
+    return 0
+
+
+def _prepare_model(args) -> int:
+    from peft_tuner.prepare import prepare_model
+
+    print(prepare_model(args.name, args.cache_dir))
+    return 0
+
+
+def _convert_gguf(args) -> int:
+    from peft_tuner.prepare import convert_gguf
+
+    print(convert_gguf(args.gguf_file, args.out_dir, overwrite=args.overwrite))
+    return 0
+
+
+def _make_tiny(args) -> int:
+    from peft_tuner.tiny import build_tiny_model
+
+    print(build_tiny_model(args.out_dir, args.arch))
+    return 0
+
+
+def _demo(args) -> int:
+    from peft_tuner.demo import DEFAULT_RECIPE, run_demo
+
+    run_demo(args.recipe or DEFAULT_RECIPE, args.out, args.tiny, args.processes, list(args.items) + list(args.overrides),
+             args.test_rows)
+    return 0
 
 
 if __name__ == "__main__":

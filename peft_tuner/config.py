@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,8 +18,10 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from peft_tuner.errors import PeftTunerError
 
-class ConfigError(ValueError):
+
+class ConfigError(PeftTunerError):
     """A recipe or override the user wrote is wrong; the message says what to change."""
 
 
@@ -145,9 +149,12 @@ class Config:
 # Loading: YAML + dotted overrides fill the same object
 
 
-def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None, base: Optional[dict] = None) -> Config:
+def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None, base: Optional[dict] = None,
+                problems: Optional[list[str]] = None) -> Config:
     """Read a recipe (or start from `base`, a saved config), apply `section.key=value` overrides, check types and
-    values; raise one ConfigError for all problems."""
+    values; raise one ConfigError for all problems, or, given a `problems` list, add them to it and return the config
+    built from the rest (so that a preflight can report them with the problems it finds further on)."""
+    collect = problems
     raw: dict = dict(base or {})
     if path is not None:
         p = Path(path)
@@ -159,7 +166,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
             raise ConfigError(f"recipe {path}: not valid YAML: {e}") from e
         if not isinstance(raw, dict):
             raise ConfigError(f"recipe {path}: expected a mapping of sections at the top level")
-    problems: list[str] = []
+    problems = []
     for item in overrides or []:
         if "=" not in item:
             problems.append(f"override '{item}': write it as section.key=value, e.g. train.epochs=1")
@@ -168,10 +175,47 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
         _set_dotted(raw, key.strip(), yaml.safe_load(value) if value.strip() else None)
     cfg = _build(Config, raw, "", problems)
     problems += validate(cfg)
-    if problems:
+    if problems and collect is not None:
+        collect += problems
+    elif problems:
         where = f" in {path}" if path else ""
         raise ConfigError(f"{len(problems)} problem(s) with the config{where}:\n  - " + "\n  - ".join(problems))
+    written = set(_flat_keys(yaml.safe_load(Path(path).read_text()) or {})) if path else set()
+    written |= {item.split("=", 1)[0].strip() for item in overrides or [] if "=" in item}
+    if os.environ.get("RANK", os.environ.get("PMI_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0"))) == "0":
+        for warning in ignored_keys(cfg, written):
+            print(f"warning: {warning}", file=sys.stderr)
     return cfg
+
+
+def ignored_keys(cfg: Config, written: set[str]) -> list[str]:
+    """The keys the user wrote that the chosen method, task or evaluation never reads, each with the reason."""
+    method, prompt = cfg.peft.method, cfg.peft.method in PROMPT_LEARNING_METHODS
+    unused = {}
+    for key in ("r", "alpha", "dropout", "use_rslora", "use_dora", "target_modules"):
+        if method == "full" or prompt or (method == "ia3" and key != "target_modules"):
+            unused[f"peft.{key}"] = f"peft.method={method}"
+    for key in ("num_virtual_tokens", "prompt_init_text"):
+        if not prompt or (key == "prompt_init_text" and method != "prompt_tuning"):
+            unused[f"peft.{key}"] = f"peft.method={method}"
+    if cfg.eval.method == "rank":
+        unused.update({"eval.num_beams": "eval.method=rank", "eval.max_new_tokens": "eval.method=rank"})
+    if cfg.data.task == "text":
+        for key in ("prompt_template", "label_words", "class_names", "label_column", "id_column", "empty_text"):
+            unused[f"data.{key}"] = "data.task=text"
+        for key in ("calibrate", "match_prior", "prior_rows", "method"):
+            unused[f"eval.{key}"] = "data.task=text (evaluated by loss and perplexity)"
+    return [f"{key}: ignored with {reason}" for key, reason in unused.items() if key in written]
+
+
+def _flat_keys(raw: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in raw.items():
+        if isinstance(value, dict) and prefix == "" and key in {f.name for f in dataclasses.fields(Config)}:
+            keys += _flat_keys(value, f"{key}.")
+        else:
+            keys.append(prefix + str(key))
+    return keys
 
 
 def save_config(cfg: Config, path: Path) -> None:
@@ -196,6 +240,28 @@ def all_keys(cls=Config, prefix: str = "") -> list[str]:
         else:
             keys.append(prefix + f.name)
     return keys
+
+
+def describe(section: Optional[str] = None) -> str:
+    """Every key (of one section), with its type, default and help, read from the dataclasses themselves."""
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    if section is not None and section not in sections:
+        close = difflib.get_close_matches(section, list(sections), n=1)
+        raise ConfigError(f"config {section}: no such section{f'; did you mean {close[0]}?' if close else ''} "
+                          f"(sections: {', '.join(sections)})")
+    lines = []
+    for name, f in sections.items():
+        if section is not None and name != section:
+            continue
+        nested = f.default_factory if f.default_factory is not dataclasses.MISSING else None
+        fields = [(f"{name}.{g.name}", g, nested) for g in dataclasses.fields(nested)] if dataclasses.is_dataclass(nested) \
+            else [(name, f, Config)]
+        for key, g, owner in fields:
+            default = g.default_factory() if g.default_factory is not dataclasses.MISSING else g.default
+            shown = yaml.safe_dump(default, default_flow_style=True, allow_unicode=True).strip().removesuffix("...").strip()
+            lines.append(f"{key}: {_type_name(typing.get_type_hints(owner)[g.name])} = {shown}")
+            lines.append(f"    {g.metadata.get('help', '')}")
+    return "\n".join(lines)
 
 
 # Names other tools use for our keys.
@@ -327,7 +393,8 @@ def validate(cfg: Config) -> list[str]:
     check(0 <= cfg.peft.dropout < 1, "peft.dropout: must be in [0, 1)")
     check(cfg.peft.num_virtual_tokens > 0, "peft.num_virtual_tokens: must be positive")
     check(not (cfg.peft.use_dora and cfg.peft.method != "lora"), "peft.use_dora: only applies to peft.method=lora")
-    check(not (cfg.peft.use_rslora and cfg.peft.method not in ("lora", "adalora")), "peft.use_rslora: only applies to peft.method=lora")
+    check(not (cfg.peft.use_rslora and cfg.peft.method != "lora"), "peft.use_rslora: only applies to peft.method=lora "
+          "(AdaLoRA's own scaling has no rank-stabilised form here)")
     check(cfg.train.epochs > 0, "train.epochs: must be positive")
     check(cfg.train.learning_rate > 0, "train.learning_rate: must be positive")
     check(cfg.train.batch_size > 0, "train.batch_size: must be positive")

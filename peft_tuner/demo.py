@@ -210,7 +210,7 @@ def plot_training(log_file: Path, base_accuracy: float, png: Path) -> None:
 
 
 def format_demo_report(r: dict, tuned: dict) -> str:
-    from peft_tuner.evaluate import format_report
+    from peft_tuner.metrics import format_report
 
     a = r["artifacts"]
     return "\n".join([
@@ -225,15 +225,3 @@ def format_demo_report(r: dict, tuned: dict) -> str:
         f"per process | merge check: max |logit diff| {r['merge_max_logit_diff']:.2e} | demo wall time {r['wall_seconds']} s",
         "", f"sample: {r['sample']['prompt']!r} -> {r['sample']['answer']!r} (gold: {r['sample']['gold']})", "",
         "artifacts:", *[f"- {k}: {v}" for k, v in a.items()], ""])
-
-
-def register(sub) -> None:
-    p = sub.add_parser("demo", help="the main job end to end: prepare, evaluate, train (DeepSpeed), predict, merge, report")
-    p.add_argument("items", nargs="*", help="section.key=value overrides of the recipe")
-    p.add_argument("--recipe", default=str(DEFAULT_RECIPE))
-    p.add_argument("--out", default="outputs/demo", help="the demo's folder (replaced on each run)")
-    p.add_argument("--tiny", action="store_true", help="a tiny random model instead of SmolLM2 (a quick check)")
-    p.add_argument("--processes", type=int, default=2)
-    p.add_argument("--test-rows", type=int, help="predict only the first N test rows")
-    p.set_defaults(run=lambda args: run_demo(args.recipe, args.out, args.tiny, args.processes,
-                                             list(args.items) + list(getattr(args, "overrides", [])), args.test_rows) and 0)

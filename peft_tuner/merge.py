@@ -5,19 +5,19 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Optional
 
 import torch
 
 from peft_tuner.checkpoint import ADAPTER_CONFIG_FILE, TASK_FILE, replace_dir
 from peft_tuner.config import Config
+from peft_tuner.errors import PeftTunerError
 from peft_tuner.modeling import DTYPES, load_base_model, load_tokenizer
 
 UNMERGEABLE = {"PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "CPT"}
 PROBE_TEXTS = ["Tweet text : my order never came Label : ", "The weather today is", "Hello"]
 
 
-class MergeError(ValueError):
+class MergeError(PeftTunerError):
     """The adapter cannot be merged, or the merge did not reproduce the adapter's outputs."""
 
 

@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from peft_tuner.config import PROMPT_LEARNING_METHODS, ModelConfig, PeftSettings
+from peft_tuner.errors import PeftTunerError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -28,7 +29,7 @@ LORA_TARGETS = {
 }
 
 
-class ModelError(ValueError):
+class ModelError(PeftTunerError):
     """The model or PEFT settings cannot work; the message says what to change."""
 
 

@@ -18,6 +18,7 @@ import zipfile
 from pathlib import Path
 
 from peft_tuner.checkpoint import replace_dir
+from peft_tuner.errors import PeftTunerError
 
 MARKER = ".peft_tuner_prepared.json"
 KNOWN_MODELS = {
@@ -32,7 +33,7 @@ KNOWN_MODELS = {
 }
 
 
-class PrepareError(ValueError):
+class PrepareError(PeftTunerError):
     """The model cannot be prepared; the message says why and what to do."""
 
 
@@ -115,20 +116,3 @@ def sha256_of(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def register(sub) -> None:
-    p = sub.add_parser("prepare-model", help="download and convert the embedded default model (SmolLM2-135M-Instruct)")
-    p.add_argument("name", nargs="?", default="smollm2", choices=sorted(KNOWN_MODELS))
-    p.add_argument("--cache-dir", help=f"where converted models live (default: $PEFT_TUNER_CACHE/models or {default_cache_dir()})")
-    p.set_defaults(run=lambda args: print(prepare_model(args.name, args.cache_dir)) or 0)
-
-    p = sub.add_parser("convert-gguf", help="convert a GGUF file into a plain safetensors model folder")
-    p.add_argument("gguf_file")
-    p.add_argument("out_dir")
-    p.add_argument("--overwrite", action="store_true")
-    p.set_defaults(run=lambda args: print(convert_gguf(args.gguf_file, args.out_dir, overwrite=args.overwrite)) or 0)
-
-    from peft_tuner import demo
-
-    demo.register(sub)

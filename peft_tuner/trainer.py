@@ -21,15 +21,17 @@ import torch.nn.functional as F
 
 from peft_tuner import checkpoint as ckpt
 from peft_tuner import distributed as dist
+from peft_tuner import ds_config as ds_config_for
 from peft_tuner.config import Config, ConfigError, save_config
 from peft_tuner.data import (IGNORE_INDEX, DataError, Encoder, build_task, collate, encode_training_rows, prepare_split,
                              read_table, text_blocks)
-from peft_tuner.evaluate import text_loss_over_ranks
+from peft_tuner.errors import PeftTunerError
 from peft_tuner.modeling import (DTYPES, add_neftune_noise, build_peft_model, check_peft_applies, count_parameters,
                                  load_base_model, load_tokenizer, load_trained_model, uses_position_ids)
+from peft_tuner.scoring import text_loss_over_ranks
 
 
-class TrainingStopped(RuntimeError):
+class TrainingStopped(PeftTunerError):
     """Training stopped early (non-finite loss); the message names the step and the last good checkpoint."""
 
 
@@ -46,21 +48,11 @@ class TrainData:
     from_cache: bool = False  # the examples were read from the tokenization cache
 
 
-def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
-    """Run a whole training job and return its summary (also written to output_dir/summary.json)."""
-    # 1. Everything the user wrote is checked before the process group or the model come up.
-    check_output_dir(cfg, resume, overwrite)
-    world = dist.expected_world_size()
-    ds_raw, ds_source = dist.deepspeed_source(cfg)
-    ds_config = dist.resolve_deepspeed_config(ds_raw, cfg, world, ds_source)
-    stage = dist.zero_stage(ds_config)
-    problem = dist.check_method_fits_zero(cfg.peft.method, stage)
-    if problem:
-        raise ConfigError(problem)
-    tokenizer = load_tokenizer(cfg.model)
-    check_peft_applies(cfg.model, cfg.peft)
-    data = setup_data(cfg, tokenizer)
-    checkpoint = find_resumable_checkpoint(cfg, world, stage) if resume else None
+def train(cfg: Config, resume: bool = False, overwrite: bool = False, problems: Optional[list[str]] = None) -> dict:
+    """Run a whole training job and return its summary (also written to output_dir/summary.json). `problems`: those
+    already found in the config (load_config's), reported together with the preflight's."""
+    # 1. Everything the user wrote is checked before the process group or the model come up, all of it at once.
+    world, ds_config, ds_source, stage, tokenizer, data, checkpoint = preflight(cfg, resume, overwrite, problems)
     global_batch = cfg.train.batch_size * cfg.train.gradient_accumulation * world
     steps_per_epoch = math.ceil(len(data.examples) / global_batch)
     total_steps = steps_per_epoch * cfg.train.epochs
@@ -88,10 +80,11 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
     dist.barrier()
 
     log = RunLog(Path(cfg.output_dir) / "train_log.jsonl", append=resume)
+    tokenized = "tokenized: from cache" if data.from_cache else "tokenized"
     log.line(f"peft-tuner train | model {cfg.model.name_or_path} | method {cfg.peft.method} | trainable "
              f"{trainable:,} of {total:,} ({100 * trainable / total:.3f}%) | launcher {launcher}, {world} process(es), "
              f"ZeRO-{stage} ({ds_source}) | {data.rows} rows ({data.dropped_empty} empty dropped, {data.truncated} cut "
-             f"to max_length={cfg.data.max_length}; {'tokenized: from cache' if data.from_cache else 'tokenized'}) | global batch {global_batch} = {cfg.train.batch_size} x "
+             f"to max_length={cfg.data.max_length}; {tokenized}) | global batch {global_batch} = {cfg.train.batch_size} x "
              f"{cfg.train.gradient_accumulation} accumulation x {world} | {steps_per_epoch} steps/epoch x "
              f"{cfg.train.epochs} epochs = {total_steps} steps" + (f" | resuming after step {start_step}" if start_step else ""))
     log.record({"event": "start", "model": cfg.model.name_or_path, "method": cfg.peft.method, "trainable_params": trainable,
@@ -126,6 +119,44 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
 # Setup helpers
 
 
+def preflight(cfg: Config, resume: bool, overwrite: bool, problems: Optional[list[str]] = None):
+    """Check the output folder, the DeepSpeed config against the recipe and the method, the model path and its
+    tokenizer, the target modules, the data and the checkpoint to resume, and raise one ConfigError naming every
+    problem found (with `problems` found before). Returns what the run needs of them: (world size, DeepSpeed config,
+    its source, ZeRO stage, tokenizer, training data, checkpoint)."""
+    problems = list(problems or [])
+
+    def check(step, *args):
+        try:
+            return step(*args)
+        except PeftTunerError as e:
+            problems.append(str(e))
+            return None
+
+    check(check_output_dir, cfg, resume, overwrite)
+    world = dist.expected_world_size()
+    ds = check(_deepspeed_config, cfg, world)
+    ds_config, ds_source, stage = ds or (None, None, None)
+    tokenizer = check(load_tokenizer, cfg.model)
+    if tokenizer is not None:
+        check(check_peft_applies, cfg.model, cfg.peft)
+    data = check(setup_data, cfg, tokenizer)
+    checkpoint = check(find_resumable_checkpoint, cfg, world, stage) if resume and ds else None
+    if problems:
+        raise ConfigError(f"{len(problems)} problem(s); nothing was loaded or written:\n  - " + "\n  - ".join(problems))
+    return world, ds_config, ds_source, stage, tokenizer, data, checkpoint
+
+
+def _deepspeed_config(cfg: Config, world: int) -> tuple[dict, str, int]:
+    raw, source = ds_config_for.deepspeed_source(cfg)
+    ds_config = ds_config_for.resolve_deepspeed_config(raw, cfg, world, source)
+    stage = ds_config_for.zero_stage(ds_config)
+    problem = ds_config_for.check_method_fits_zero(cfg.peft.method, stage)
+    if problem:
+        raise ConfigError(problem)
+    return ds_config, source, stage
+
+
 def check_output_dir(cfg: Config, resume: bool, overwrite: bool) -> None:
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
@@ -149,11 +180,16 @@ def prepare_output_dir(cfg: Config, overwrite: bool) -> None:
     save_config(cfg, out / ckpt.CONFIG_FILE)
 
 
-def setup_data(cfg: Config, tokenizer) -> TrainData:
-    """Read, check and tokenize the training split; nothing heavy has been loaded yet."""
+def setup_data(cfg: Config, tokenizer) -> Optional[TrainData]:
+    """Read, check and tokenize the training split; nothing heavy has been loaded yet. Without a tokenizer (the model
+    could not be read) the rows are still read and checked, and nothing is returned."""
     if not cfg.data.train_file:
         raise DataError("data.train_file: not set; give a file, a RAFT folder or a hub dataset")
     table = read_table(cfg.data.train_file, "train")
+    if tokenizer is None:
+        if cfg.data.task != "text":
+            prepare_split(build_task(cfg.data, table), table, cfg.data, require_labels=True)
+        return None
     if cfg.data.task == "text":
         eval_blocks = []
         if cfg.train.eval_each_epoch:
@@ -323,7 +359,7 @@ def fit(engine, cfg: Config, data: TrainData, tokenizer, log: "RunLog", global_b
 def accuracy_during_training(engine, cfg: Config, data: TrainData) -> float:
     """Rank classification of the eval rows, split evenly over the ranks (padded so that every rank runs as many
     forwards: under ZeRO-3 each forward is a collective)."""
-    from peft_tuner.evaluate import rank_scores
+    from peft_tuner.scoring import rank_scores
 
     rows, world, rank = data.eval_rows, dist.world_size(), dist.rank()
     per_rank = math.ceil(len(rows) / world)

@@ -46,6 +46,7 @@ def test_sep_ends_texts_and_no_special_token_lands_inside_a_prompt(tokenizer, ch
         load_tokenizer(ModelConfig(name_or_path=str(chinese_model), eos_token="<eos>"))
 
 
+@pytest.mark.slow
 def test_classification_trains_and_generate_mode_evaluation_reads_the_label_words(chinese_model, data_dir, tmp_path):
     from peft_tuner.cli import main
 
@@ -65,6 +66,7 @@ def test_classification_trains_and_generate_mode_evaluation_reads_the_label_word
     assert len(held_out) == 4
 
 
+@pytest.mark.slow
 def test_text_task_trains_and_samples_top_k_continuations_of_a_review(chinese_model, data_dir, tmp_path):
     from peft_tuner.config import load_config
     from peft_tuner.evaluate import load_for_inference

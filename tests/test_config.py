@@ -7,7 +7,7 @@ import pytest
 
 from conftest import ROOT
 from peft_tuner.config import ConfigError, load_config
-from peft_tuner.distributed import read_deepspeed_file, resolve_deepspeed_config
+from peft_tuner.ds_config import read_deepspeed_file, resolve_deepspeed_config
 
 RECIPES = sorted((ROOT / "configs").glob("*.yaml"))
 DS_CONFIGS = sorted((ROOT / "ds_configs").glob("*.json"))
@@ -90,3 +90,46 @@ def test_recipe_errors_name_the_file(tmp_path):
         load_config(str(broken))
     with pytest.raises(ConfigError, match="no such file"):
         load_config(str(Path(tmp_path) / "missing.yaml"))
+
+
+def test_readme_commands_call_programs_the_setup_installs():
+    """mpirun (and mpiexec) come from the mpich wheel inside .venv/bin; a bare `mpirun` works only with it on PATH."""
+    import re
+    import sys
+
+    readme = (ROOT / "README.md").read_text()
+    named = set(re.findall(r"\.venv/bin/([\w.-]+)", readme))
+    assert {"mpirun", "python", "peft-tuner"} <= named
+    missing = [name for name in named if not (Path(sys.executable).parent / name).exists()]
+    assert not missing, f"README names .venv/bin/{missing}, which the setup does not install"
+    mpirun_lines = [line for line in readme.splitlines() if re.match(r"\s*(\S*/)?mpirun ", line)]
+    assert mpirun_lines and all(line.lstrip().startswith(".venv/bin/mpirun") for line in mpirun_lines), mpirun_lines
+
+
+def test_config_command_lists_every_key_with_type_default_and_help(capsys):
+    import dataclasses
+
+    from peft_tuner.cli import main
+    from peft_tuner.config import TrainConfig
+
+    assert main(["config", "train"]) == 0
+    listing = capsys.readouterr().out
+    for f in dataclasses.fields(TrainConfig):  # every field, none left out, each with its help line under it
+        line = next(l for l in listing.splitlines() if l.startswith(f"train.{f.name}: "))
+        assert listing.splitlines()[listing.splitlines().index(line) + 1].strip() == f.metadata["help"]
+    assert "train.learning_rate: float = 0.0003\n    Peak learning rate of AdamW." in listing
+    assert all(l.startswith(("train.", "    ")) for l in listing.splitlines())  # the train section alone
+    assert main(["config", "trian"]) == 2 and "did you mean train?" in capsys.readouterr().err
+
+
+def test_rslora_with_adalora_is_refused_and_ignored_keys_are_warned_about(tmp_path, capsys):
+    with pytest.raises(ConfigError, match=r"peft.use_rslora: only applies to peft.method=lora"):
+        load_config(str(RECIPES[0]), ["peft.method=adalora", "peft.use_rslora=true"])
+    load_config(str(RECIPES[0]), ["peft.method=prompt_tuning", "peft.r=16", "eval.num_beams=4"])
+    err = capsys.readouterr().err
+    assert "warning: peft.r: ignored with peft.method=prompt_tuning" in err
+    assert "warning: eval.num_beams: ignored with eval.method=rank" in err
+    assert "warning: peft.alpha: ignored with peft.method=prompt_tuning" in err  # written in the recipe itself
+    assert "peft.num_virtual_tokens" not in err and "peft.use_dora" not in err  # used, or never written
+    load_config(str(RECIPES[0]))
+    assert "warning" not in capsys.readouterr().err  # the shipped recipe as it is: nothing ignored

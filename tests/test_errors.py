@@ -123,3 +123,17 @@ def test_output_dir_holding_a_run_is_refused_and_kept(make_case, tmp_path, capsy
     assert code == 2 and "already holds a run; pass --resume to continue it, --overwrite to replace it" in err
     assert (run_dir / "adapter" / "adapter_model.safetensors").read_bytes() == b"precious"
     assert os.environ.get("RANK") is None  # nothing in this module brought up a process group
+
+
+def test_every_problem_is_named_in_one_message_before_anything_loads(make_case, tmp_path, capsys):
+    recipe = make_case()
+    code, err = run_cli(capsys, recipe, "train.learnin_rate=1", "data.train_file=missing.csv", "peft.target_modules=q_projj")
+    assert code == 2 and "Traceback" not in err
+    assert "3 problem(s); nothing was loaded or written" in err
+    for expected in ("train.learnin_rate: unknown key: did you mean train.learning_rate?",
+                     "peft.target_modules: ['q_projj'] match no module", "missing.csv: no such file or folder"):
+        assert expected in err, err
+    # with no model to read a tokenizer from, the data is still read and checked
+    code, err = run_cli(capsys, recipe, "model.name_or_path=/nowhere/model", "data.text_column=tweet", "--deepspeed", "nope.json")
+    assert code == 2 and "3 problem(s)" in err
+    assert "/nowhere/model does not exist" in err and "'tweet' is not a column" in err and "--deepspeed nope.json" in err

@@ -35,6 +35,8 @@ def test_every_method_builds_and_learns(tiny_models, method):
     assert 0 < trainable <= total and (trainable == total) == (method == "full")
     batch = collate([{"input_ids": [5, 6, 7, 8, 9], "labels": [-100, -100, 7, 8, 9]},
                      {"input_ids": [10, 11, 12], "labels": [-100, 11, 12]}], pad_token_id=2)
+    frozen = {name: p.detach().clone() for name, p in model.named_parameters() if not p.requires_grad}
+    trained = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     losses = []
     for _ in range(8):
@@ -44,6 +46,10 @@ def test_every_method_builds_and_learns(tiny_models, method):
         optimizer.zero_grad()
         losses.append(float(out.loss.detach()))
     assert losses[-1] < losses[0], losses
+    now = dict(model.named_parameters())
+    assert all(torch.equal(now[name], value) for name, value in frozen.items())  # the base model stays as it was
+    assert all(not torch.equal(now[name], value) for name, value in trained.items())  # every trained one moved
+    assert (len(frozen) == 0) == (method == "full")
 
 
 def test_neftune_noise_is_bounded_and_only_while_training(tiny_models):

@@ -15,6 +15,8 @@ import pytest
 
 from conftest import BIN, ROOT, ds_config, free_port, step_losses, summary, write_recipe
 
+pytestmark = pytest.mark.slow  # trains in subprocesses (pytest -m "not slow" leaves it out)
+
 RUNS = [("torchrun", 2), ("torchrun", 3), ("deepspeed", 2), ("deepspeed", 3), ("torchrun", 3), ("deepspeed", 3)]
 
 

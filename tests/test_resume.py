@@ -14,6 +14,8 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, ds_config, launch_command, records, run, step_losses, summary, write_recipe
 
+pytestmark = pytest.mark.slow  # trains in subprocesses (pytest -m "not slow" leaves it out)
+
 # (launcher, ZeRO stage, arch, micro batch, where the run is killed); the reference is the uninterrupted launcher run.
 CRASHES = [
     ("python", 0, "llama", 8, "after_step:5"),
@@ -83,7 +85,10 @@ def test_sigterm_checkpoints_and_exits_cleanly_then_resumes(tiny_models, data_di
                             stderr=subprocess.PIPE, text=True)
     log = tmp_path / "run" / "train_log.jsonl"
     deadline = time.time() + 120
-    while time.time() < deadline and not (log.is_file() and log.read_text().count('"event": "step"') >= 3):
+    while not (log.is_file() and log.read_text().count('"event": "step"') >= 3):
+        if time.time() > deadline or proc.poll() is not None:
+            proc.kill()
+            raise AssertionError(f"no 3 logged steps within 120 s (exit {proc.poll()}): {proc.communicate()[1][-3000:]}")
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
@@ -113,7 +118,7 @@ def test_a_lock_left_by_a_killed_op_build_is_removed(tmp_path, monkeypatch):
     """DeepSpeed JIT-builds its CPU ops under a lock file; a run killed midway leaves it, and the next run waited on it
     for ever (a test run that timed out during the build hung every later one). init_distributed removes a lock over a
     minute old in whose folder no process works; a build in progress keeps its lock."""
-    from peft_tuner.distributed import remove_stale_build_locks
+    from peft_tuner.cpu_cleanup import remove_stale_build_locks
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     stale, fresh, building = (tmp_path / "py311_cpu" / op / "lock" for op in ("deepspeed_shm_comm", "cpu_adam", "fused_adam"))

@@ -42,9 +42,7 @@ class ClassificationTask:
 @dataclass
 class Split:
     rows: list[dict]
-    source: str
     dropped_empty: int = 0
-    labelled: bool = True
 
 
 def build_task(cfg: DataConfig, table: Table) -> ClassificationTask:
@@ -136,7 +134,7 @@ def prepare_split(task: ClassificationTask, table: Table, cfg: DataConfig, requi
         rows.append(row)
     if not rows:
         raise DataError(f"{table.source}: no rows left to use ({dropped} empty texts dropped)")
-    return Split(rows=rows, source=table.source, dropped_empty=dropped, labelled=labelled)
+    return Split(rows=rows, dropped_empty=dropped)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
+
+from peft_tuner.errors import PeftTunerError
 
 # Which file of a RAFT-layout folder serves which role.
 RAFT_FILES = {"train": ("train.csv",), "eval": ("dev.csv", "validation.csv"), "test": ("test_unlabeled.csv", "test.csv")}
@@ -16,7 +18,7 @@ HUB_SPLITS = {"train": "train", "eval": "validation", "test": "test"}
 UNLABELED = "Unlabeled"  # the class the hub copy of RAFT (`ought/raft`) gives test rows
 
 
-class DataError(ValueError):
+class DataError(PeftTunerError):
     """The data the user pointed at cannot be used; the message says where and what to do."""
 
 
@@ -28,7 +30,6 @@ class Table:
     class_names: Optional[list[str]] = None  # from task.json or dataset features, when the source declares them
     default_text_column: Optional[str] = None
     default_label_column: Optional[str] = None
-    notes: list[str] = field(default_factory=list)
 
 
 def read_table(spec: str, role: str = "train") -> Table:

@@ -1,0 +1,44 @@
+"""Classification metrics: accuracy, macro-F1, per-class precision / recall / F1 and the confusion matrix, and their
+printed report. Outputs that match no class count as invalid."""
+from __future__ import annotations
+
+from typing import Optional
+
+INVALID = "<invalid>"
+
+
+def classification_metrics(gold: list[str], predicted: list[Optional[str]], class_names: list[str]) -> dict:
+    predicted = [p if p is not None else INVALID for p in predicted]
+    columns = class_names + ([INVALID] if INVALID in predicted else [])
+    confusion = {g: {p: 0 for p in columns} for g in class_names}
+    for g, p in zip(gold, predicted):
+        confusion[g][p] += 1
+    per_class = {}
+    for name in class_names:
+        tp = confusion[name][name]
+        predicted_as = sum(confusion[g][name] for g in class_names)
+        support = sum(confusion[name].values())
+        precision = tp / predicted_as if predicted_as else 0.0
+        recall = tp / support if support else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class[name] = {"precision": precision, "recall": recall, "f1": f1, "support": support}
+    return {"accuracy": sum(g == p for g, p in zip(gold, predicted)) / len(gold),
+            "macro_f1": sum(c["f1"] for c in per_class.values()) / len(class_names),
+            "invalid": predicted.count(INVALID), "n": len(gold), "per_class": per_class, "confusion_matrix": confusion}
+
+
+def format_report(metrics: dict) -> str:
+    lines = [f"accuracy {metrics['accuracy']:.4f} | macro-F1 {metrics['macro_f1']:.4f} | n={metrics['n']}"
+             + (f" | invalid outputs {metrics['invalid']}" if metrics.get("invalid") else "")]
+    classes = list(metrics["confusion_matrix"])
+    if len(classes) <= 10:
+        columns = list(next(iter(metrics["confusion_matrix"].values())))
+        counts = [str(n) for row in metrics["confusion_matrix"].values() for n in row.values()]
+        width = max(len(c) for c in columns + classes + counts) + 2
+        lines.append("confusion (rows: gold, columns: predicted)")
+        lines.append(" " * width + "".join(c.rjust(width) for c in columns))
+        for g in classes:
+            lines.append(g.ljust(width) + "".join(str(metrics["confusion_matrix"][g][p]).rjust(width) for p in columns))
+        for name, c in metrics["per_class"].items():
+            lines.append(f"  {name}: precision {c['precision']:.3f} recall {c['recall']:.3f} f1 {c['f1']:.3f} (n={c['support']})")
+    return "\n".join(lines)
