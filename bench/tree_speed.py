@@ -17,6 +17,7 @@ import peft_tuner.evaluate as ev  # noqa: E402
 import peft_tuner.scoring as scoring  # noqa: E402
 from peft_tuner.config import load_config  # noqa: E402
 from peft_tuner.data import Encoder, read_table  # noqa: E402
+from peft_tuner.modeling import load_for_inference  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--rows", type=int, default=24)
@@ -27,7 +28,7 @@ cfg = load_config(str(ROOT / "configs" / "twitter_complaints_smollm2.yaml"),
                   [f"eval.dtype={args.dtype}", f"data.train_file={data}", "data.text_column=Query", "data.label_column=Label",
                    'data.prompt_template="Query : {Query} Label : "', "data.max_length=96"])
 torch.set_num_threads(2)
-model, tokenizer, _ = ev.load_for_inference(cfg)
+model, tokenizer, _ = load_for_inference(cfg)
 encoder = Encoder(tokenizer, ev.load_task(cfg, None), cfg.data.max_length)
 rows = read_table(data, "test").rows[: args.rows]
 started = time.time()

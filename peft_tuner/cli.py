@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_flags(p, ensemble=True)
     p.add_argument("--rows", type=int, help="label the first N rows of data.test_file (default: all)")
     p.add_argument("--out", required=True, help="the CSV to write (training rows, then the labelled rows)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out and its _scores folder if they exist")
+    p.add_argument("--overwrite", action="store_true", help="replace --out and its _scores.jsonl if they exist")
     p.set_defaults(run=_pseudo_label)
 
     p = sub.add_parser("distill", help="the distillation recipe in one command: teachers (seeds 1..N), their "
@@ -274,7 +274,7 @@ def _distill(args) -> int:
 
 
 def _generate(args) -> int:
-    from peft_tuner.evaluate import load_for_inference
+    from peft_tuner.modeling import load_for_inference
     from peft_tuner.generate import generate, read_prompts
 
     cfg = resolve_config(args)

@@ -93,7 +93,8 @@ class TrainConfig:
     checkpoint_steps: int = _help(0, "Write a resumable checkpoint every N optimizer steps (0: only on SIGTERM).")
     keep_checkpoints: int = _help(2, "How many of the newest checkpoints to keep.")
     log_steps: int = _help(1, "Log every N optimizer steps.")
-    zero3_init: bool = _help(True, "Under ZeRO-3, load the base model already partitioned (deepspeed.zero.Init): no rank holds it whole.")
+    zero3_init: bool = _help(True, "Under ZeRO-3, load the base model already partitioned (deepspeed.zero.Init): no rank holds it whole. "
+                                   "Under accelerate launch, its YAML's zero3_init_flag decides.")
     eval_each_epoch: bool = _help(False, "Rank-classify data.eval_file after every epoch and log its accuracy.")
     verify_adapter: bool = _help(True, "After saving, reload the adapter on rank 0 and check it reproduces the trained logits.")
 

@@ -5,19 +5,14 @@ several processes, evaluate the adapter, write RAFT predictions for the test spl
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 from peft_tuner.config import ConfigError, load_config
+from peft_tuner.metrics import headline_metrics
+from peft_tuner.runner import ROOT, train_in_subprocess
 
-ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RECIPE = ROOT / "configs" / "twitter_complaints_smollm2.yaml"
 MARKER = "demo_report.md"
 
@@ -51,7 +46,7 @@ def run_demo(recipe: str | Path = DEFAULT_RECIPE, out_dir: str | Path = "outputs
     log(f"      accuracy {base['accuracy']:.4f}, macro-F1 {base['macro_f1']:.4f} ({base['examples_per_second']} examples/s)")
 
     log(f"[3/7] LoRA training under DeepSpeed ZeRO-2 on {processes} processes")
-    train_summary = train_with_launcher(recipe, overrides + ["train.eval_each_epoch=true"], processes, out / "train")
+    train_summary = train_in_subprocess(recipe, overrides + ["train.eval_each_epoch=true"], processes, out / "train")
     adapter = Path(train_summary["adapter_dir"])
 
     log("[4/7] tuned adapter on the labelled dev split")
@@ -71,8 +66,8 @@ def run_demo(recipe: str | Path = DEFAULT_RECIPE, out_dir: str | Path = "outputs
     log("[7/7] generate a sample answer with the merged model")
     sample = sample_answer(cfg, out / "merged")
 
-    report = {"model": str(model_path), "recipe": str(recipe), "processes": processes, "base": _scores(base),
-              "tuned": _scores(tuned), "train_seconds": train_summary["train_seconds"],
+    report = {"model": str(model_path), "recipe": str(recipe), "processes": processes, "base": headline_metrics(base),
+              "tuned": headline_metrics(tuned), "train_seconds": train_summary["train_seconds"],
               "mean_step_seconds": train_summary["mean_step_seconds"], "peak_memory_gb": train_summary["peak_memory_gb"],
               "test_rows": test["rows"], "merge_max_logit_diff": merged["max_logit_diff"], "sample": sample,
               "wall_seconds": round(time.time() - started, 1),
@@ -87,82 +82,10 @@ def run_demo(recipe: str | Path = DEFAULT_RECIPE, out_dir: str | Path = "outputs
     return report
 
 
-def train_with_launcher(recipe, overrides: list[str], processes: int, train_dir: Path, deepspeed: bool = True,
-                        resume: bool = False) -> dict:
-    """The training job under the deepspeed launcher: N GPUs where there are, else N CPU processes. Without
-    `deepspeed`, one plain process (`python launch/train.py`, the same loop): the quickest on a small CPU. With
-    `resume`, it continues from train_dir's newest checkpoint; else a run already in train_dir is replaced."""
-    import torch
-
-    script = [str(ROOT / "launch" / "train.py"), str(recipe), *overrides, "--resume" if resume else "--overwrite"]
-    cores = os.cpu_count() or processes
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, cores // processes))}
-    if deepspeed:
-        from peft_tuner.distributed import _free_port
-
-        launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
-        devices = ["--num_gpus", str(min(processes, torch.cuda.device_count()))] if torch.cuda.is_available() else \
-            ["--num_accelerators", str(processes)]
-        cmd = [launcher, *devices, "--master_port", str(_free_port()), *script,
-               "--deepspeed", str(ROOT / "ds_configs" / "zero2.json")]
-    else:
-        cmd = [sys.executable, *script]
-    # Its own process group, which a stop signal is passed to whole: the deepspeed runner dies of SIGTERM without
-    # passing it on, and its workers, never told, trained on without a checkpoint.
-    proc = subprocess.Popen(cmd, env=env, cwd=Path.cwd(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    lines = []
-    started = time.time()
-    with stop_signals_passed_to(proc) as stopped:
-        for line in proc.stdout:  # show the run's own summary lines as they come; keep the rest for an error message
-            lines.append(line.rstrip())
-            if line.startswith(("peft-tuner train |", "done |", "epoch ", "stopped by signal")):
-                print("      " + line.rstrip(), flush=True)
-        proc.wait()
-    if stopped:
-        from peft_tuner.checkpoint import CHECKPOINT_DIR
-
-        latest = train_dir / CHECKPOINT_DIR / "latest"
-        saved = latest.is_file() and latest.stat().st_mtime >= started
-        print(f"stopped: the training run in {train_dir} " + ("saved a checkpoint first" if saved
-              else f"exited with {proc.returncode} before it saved a checkpoint"), flush=True)
-        raise SystemExit(143)
-    summary_file = train_dir / "summary.json"
-    if proc.returncode != 0 or not summary_file.is_file():
-        tail = "\n".join(lines[-40:])
-        raise RuntimeError(f"training failed (exit {proc.returncode}): {' '.join(cmd)}\n{tail}")
-    return json.loads(summary_file.read_text())
-
-
-@contextlib.contextmanager
-def stop_signals_passed_to(proc: subprocess.Popen):
-    """Ctrl-C or SIGTERM while a training run works: the run's process group (proc started a session of its own) is
-    told (SIGTERM: each worker saves a checkpoint at its next step and exits 143), and its output is read until it has.
-    Dying at once would close the pipe it writes to, and it would die on its next line, before its checkpoint. Yields
-    a list that holds the signals received."""
-    received = []
-
-    def handler(signum, frame):
-        received.append(signum)
-        with contextlib.suppress(ProcessLookupError):  # it ended meanwhile
-            os.killpg(proc.pid, signal.SIGTERM)
-
-    previous = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            previous[sig] = signal.signal(sig, handler)
-        except ValueError:  # not the main thread: signals are not ours to take
-            pass
-    try:
-        yield received
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-
-
 def sample_answer(cfg, merged_dir: Path) -> dict:
     from peft_tuner.data import read_table
-    from peft_tuner.evaluate import load_for_inference, load_task
+    from peft_tuner.evaluate import load_task
+    from peft_tuner.modeling import load_for_inference
     from peft_tuner.generate import generate
 
     task = load_task(cfg, str(merged_dir))
@@ -171,11 +94,6 @@ def sample_answer(cfg, merged_dir: Path) -> dict:
     cfg.generate.max_new_tokens = 5
     answer = generate(model, tokenizer, [task.prompt(row)], cfg)[0][0]
     return {"prompt": task.prompt(row), "answer": answer.strip(), "gold": row.get(task.label_column)}
-
-
-def _scores(result: dict) -> dict:
-    keys = ("accuracy", "macro_f1", "n", "examples_per_second", "confusion_matrix", "prior_matching")
-    return {k: result[k] for k in keys if k in result}
 
 
 def _prior_lines(scores: dict) -> list[str]:

@@ -25,19 +25,22 @@ import torch
 from peft_tuner.checkpoint import CHECKPOINT_DIR
 from peft_tuner.config import Config, ConfigError
 from peft_tuner.data import build_task, prepare_split, read_table, select_rows
+from peft_tuner.metrics import headline_metrics
 
 
 def pseudo_label(cfg: Config, out_csv: str | Path, adapter_dir: Optional[str | list[str]] = None,
                  model_dir: Optional[str] = None, rows: Optional[int] = None, overwrite: bool = False) -> dict:
     """Score the first `rows` rows of data.test_file (all by default) by rank classification, label them, and write
-    the training rows followed by the labelled rows to `out_csv`; the scores stay in `<out_csv stem>_scores/`."""
-    from peft_tuner.evaluate import evaluate, load_task, training_shares
+    the training rows followed by the labelled rows to `out_csv`; each row's class scores go to
+    `<out_csv stem>_scores.jsonl`."""
+    from peft_tuner.evaluate import load_task, training_shares
+    from peft_tuner.scoring import score_rows
 
     out = Path(out_csv)
-    scores_dir = out.with_name(f"{out.stem}_scores")
+    scores_file = out.with_name(f"{out.stem}_scores.jsonl")
     if out.suffix.lower() != ".csv":
         raise ConfigError(f"--out {out}: the pseudo-labelled rows are written as CSV; give a path ending in .csv")
-    for path in (out, scores_dir):
+    for path in (out, scores_file):
         if path.exists() and not overwrite:
             raise ConfigError(f"--out: {path} exists; pass --overwrite to replace it, or choose another --out")
     members = adapter_dir if isinstance(adapter_dir, (list, tuple)) else [adapter_dir]
@@ -45,16 +48,13 @@ def pseudo_label(cfg: Config, out_csv: str | Path, adapter_dir: Optional[str | l
     task = load_task(cfg, members[0] or model_dir)
     shares = training_shares(train, task)  # in the classes of the adapters' task
 
-    scoring = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, max_rows=rows),
-                                  eval=dataclasses.replace(cfg.eval, match_prior=False))
-    evaluate(scoring, scores_dir, split="test", model_dir=model_dir, adapter_dir=adapter_dir, method="rank")
-    unlabelled = prepare_split(task, read_table(cfg.data.test_file, "test"), scoring.data, require_labels=False, role="test").rows
-    predictions = [json.loads(line) for line in (scores_dir / "predictions_test.jsonl").open() if line.strip()]
-    scores = torch.tensor([[p["scores"][c] for c in task.class_names] for p in predictions])
+    test_data = dataclasses.replace(cfg.data, max_rows=rows)
+    unlabelled = prepare_split(task, read_table(cfg.data.test_file, "test"), test_data, require_labels=False, role="test").rows
+    scores, scored_by = score_rows(cfg, task, unlabelled, model_dir, members)
     labels = split_by_shares(scores, shares)
 
     train_rows = [train.rows[i] for i in select_rows(train.rows, cfg.data, "train", task.label_column)]  # as the adapters saw them
-    labelled_rows = [{**unlabelled[p["index"]], task.label_column: task.class_names[c]} for p, c in zip(predictions, labels)]
+    labelled_rows = [{**row, task.label_column: task.class_names[c]} for row, c in zip(unlabelled, labels)]
     columns = list(dict.fromkeys(list(train.columns) + [c for r in labelled_rows for c in r]))
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", newline="", encoding="utf-8") as f:
@@ -62,12 +62,16 @@ def pseudo_label(cfg: Config, out_csv: str | Path, adapter_dir: Optional[str | l
         writer.writeheader()
         writer.writerows(train_rows)
         writer.writerows(labelled_rows)
+    with open(scores_file, "w", encoding="utf-8") as f:
+        for i, (row, s) in enumerate(zip(unlabelled, scores)):
+            f.write(json.dumps({"index": i, "id": row.get(cfg.data.id_column), "scored_by": scored_by,
+                                "scores": dict(zip(task.class_names, s.tolist()))}, ensure_ascii=False) + "\n")
     counts = {name: labels.count(i) for i, name in enumerate(task.class_names)}
     train_with = student_overrides(task, out, cfg.data.max_rows)
     print(f"pseudo-label | {len(train_rows)} training rows + {len(labelled_rows)} rows of {cfg.data.test_file} labelled "
-          f"({', '.join(f'{n} {c}' for c, n in counts.items())}) -> {out} | scores: {scores_dir}\n"
+          f"({', '.join(f'{n} {c}' for c, n in counts.items())}) -> {out} | scores: {scores_file}\n"
           f"train a student on it with: {' '.join(repr(o) if ' ' in o else o for o in train_with)}")
-    return {"out": str(out), "scores": str(scores_dir), "training_rows": len(train_rows), "pseudo_rows": len(labelled_rows),
+    return {"out": str(out), "scores": str(scores_file), "training_rows": len(train_rows), "pseudo_rows": len(labelled_rows),
             "counts": counts, "training_shares": dict(zip(task.class_names, shares.tolist())), "train_with": train_with}
 
 
@@ -138,7 +142,7 @@ def distill(recipe: str | Path, out_dir: str | Path, overrides: Optional[list[st
     import time
 
     from peft_tuner.config import load_config
-    from peft_tuner.demo import train_with_launcher
+    from peft_tuner.runner import train_in_subprocess
     from peft_tuner.evaluate import evaluate, load_task
 
     started = time.time()
@@ -174,7 +178,6 @@ def distill(recipe: str | Path, out_dir: str | Path, overrides: Optional[list[st
     check_inputs(cfg, rows)  # before hours of training, not after
     out.mkdir(parents=True, exist_ok=True)
     (out / PLAN_FILE).write_text(json.dumps(plan, indent=2))
-    deepspeed = processes > 1
 
     def train_once(name: str, run_dir: Path, run_overrides: list[str], again: bool) -> bool:
         """Train unless run_dir holds the finished run (and nothing it was trained from changed): continue from its
@@ -184,8 +187,8 @@ def distill(recipe: str | Path, out_dir: str | Path, overrides: Optional[list[st
             return False
         resume = not again and (run_dir / CHECKPOINT_DIR / "latest").is_file()
         log(f"[{name}] " + (f"continuing from its newest checkpoint in {run_dir}" if resume else f"training in {run_dir}"))
-        train_with_launcher(recipe, overrides + run_overrides + [f"output_dir={run_dir}"], processes, run_dir,
-                            deepspeed=deepspeed, resume=resume)
+        train_in_subprocess(recipe, overrides + run_overrides + [f"output_dir={run_dir}"], processes, run_dir,
+                            resume=resume)
         return True
 
     report = {"plan": plan, "teachers": []}
@@ -214,10 +217,10 @@ def distill(recipe: str | Path, out_dir: str | Path, overrides: Optional[list[st
     if cfg.data.eval_file:
         log(f"[evaluate] each teacher, their ensemble and the student on {cfg.data.eval_file}")
         for member in report["teachers"] + [report["student"]]:
-            member["eval"] = _scores(evaluate(cfg, Path(member["adapter"]).parent / "eval", split="eval",
+            member["eval"] = headline_metrics(evaluate(cfg, Path(member["adapter"]).parent / "eval", split="eval",
                                               adapter_dir=member["adapter"], quiet=True))
         if teachers > 1:
-            report["ensemble_eval"] = _scores(evaluate(cfg, out / "ensemble_eval", split="eval", adapter_dir=adapters,
+            report["ensemble_eval"] = headline_metrics(evaluate(cfg, out / "ensemble_eval", split="eval", adapter_dir=adapters,
                                                        method="rank", quiet=True))
     report["wall_seconds"] = round(time.time() - started, 1)
     (out / "distill_report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
@@ -228,10 +231,6 @@ def distill(recipe: str | Path, out_dir: str | Path, overrides: Optional[list[st
 def _trained(run_dir: Path) -> dict:
     summary = json.loads((run_dir / "summary.json").read_text())
     return {"adapter": summary["adapter_dir"], "train_seconds": summary["train_seconds"], "steps": summary.get("steps_done")}
-
-
-def _scores(metrics: dict) -> dict:
-    return {k: metrics[k] for k in ("accuracy", "macro_f1", "n") if k in metrics}
 
 
 def format_distill_report(report: dict) -> str:

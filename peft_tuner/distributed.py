@@ -77,12 +77,6 @@ def init_distributed() -> str:
     return launcher
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def check_shared_folder(folder: Path) -> None:
     """Every rank must see what rank 0 writes in `folder` (output_dir): each rank writes its part of a checkpoint there
     and rank 0 moves the whole into place, so nodes that each have their own disk would leave checkpoints that cannot

@@ -43,24 +43,33 @@ def read_deepspeed_file(path: str) -> dict:
     return raw
 
 
-def deepspeed_source(cfg: Config) -> tuple[dict, str]:
-    """The DeepSpeed config to use and where it came from: --deepspeed, accelerate's plugin, or ZeRO off."""
+def deepspeed_source(cfg: Config) -> tuple[dict, str, Optional[bool]]:
+    """The DeepSpeed config to use, where it came from (--deepspeed, accelerate's plugin, or ZeRO off), and whether
+    accelerate asks for the ZeRO-3 partitioned loading (its `zero3_init_flag`; None when accelerate did not launch us:
+    then train.zero3_init decides)."""
     if cfg.deepspeed:
-        return read_deepspeed_file(cfg.deepspeed), cfg.deepspeed
-    env = os.environ
-    if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
-        if env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none").lower() != "none":
-            return read_deepspeed_file(env["ACCELERATE_DEEPSPEED_CONFIG_FILE"]), env["ACCELERATE_DEEPSPEED_CONFIG_FILE"]
-        stage = int(env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", 2))
-        raw = copy.deepcopy(DEFAULT_DS_CONFIG)
-        raw["zero_optimization"] = {"stage": stage}
-        for kind in ("optimizer", "param"):
-            where = env.get(f"ACCELERATE_DEEPSPEED_OFFLOAD_{kind.upper()}_DEVICE", "none")
-            if where != "none":
-                raw["zero_optimization"][f"offload_{kind}"] = {"device": where}
-                raw["zero_force_ds_cpu_optimizer"] = False
-        return raw, f"accelerate plugin (ZeRO-{stage})"
-    return copy.deepcopy(DEFAULT_DS_CONFIG), "built-in (ZeRO off)"
+        return read_deepspeed_file(cfg.deepspeed), cfg.deepspeed, None
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        return _from_accelerate_plugin()
+    return copy.deepcopy(DEFAULT_DS_CONFIG), "built-in (ZeRO off)", None
+
+
+def _from_accelerate_plugin() -> tuple[dict, str, bool]:
+    """`accelerate launch` with a DeepSpeed YAML passes its settings as ACCELERATE_DEEPSPEED_* variables; accelerate's
+    own DeepSpeedPlugin reads them (the config file it names, else the stage and offload devices)."""
+    from accelerate.utils import DeepSpeedPlugin
+
+    file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+    given = read_deepspeed_file(file) if file.lower() != "none" else None  # our message for a missing or broken file
+    plugin = DeepSpeedPlugin(hf_ds_config=given)
+    raw = copy.deepcopy(plugin.deepspeed_config)
+    raw.pop("steps_per_print", None)  # the plugin's is infinity, which DeepSpeed's config does not take
+    for kind in ("optimizer", "param"):
+        offload = raw.get("zero_optimization", {}).get(f"offload_{kind}")
+        if isinstance(offload, dict) and offload.get("nvme_path") is None:
+            offload.pop("nvme_path", None)
+    source = file if given is not None else f"accelerate plugin (ZeRO-{plugin.zero_stage})"
+    return raw, source, bool(plugin.zero3_init_flag)
 
 
 def resolve_deepspeed_config(raw: dict, cfg: Config, n_processes: int, source: str = "deepspeed config") -> dict:
@@ -128,7 +137,8 @@ def zero_stage(ds_config: dict) -> int:
 
 def check_method_fits_zero(method: str, stage: int) -> Optional[str]:
     """A PEFT method that cannot work under a ZeRO stage, as a message (None when it fits)."""
-    if method == "adalora" and stage >= 2:
-        return (f"peft.method=adalora needs every rank's full gradients to allocate its rank budget, which ZeRO-{stage} "
-                f"partitions; use ds_configs/zero0.json or zero1.json, or peft.method=lora")
+    if method == "adalora" and stage >= 1:
+        return (f"peft.method=adalora reads each weight's gradient (param.grad) to allocate its rank budget, which "
+                f"ZeRO-{stage} keeps in its own partitioned buffers instead; use ds_configs/zero0.json (or no --deepspeed), "
+                f"or peft.method=lora")
     return None

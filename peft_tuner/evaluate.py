@@ -15,49 +15,13 @@ import torch
 from peft_tuner.config import Config, ConfigError
 from peft_tuner.data import ClassificationTask, DataError, Encoder, build_task, prepare_split, read_table, text_blocks
 from peft_tuner.metrics import classification_metrics, format_report
-from peft_tuner.modeling import DTYPES, ModelError, load_base_model, load_tokenizer, prepare_tokenizer
-from peft_tuner.scoring import (content_free_prior, generate_labels, is_prompt_learning, rank_scores, text_loss_over_ranks,
-                                text_to_class)
+from peft_tuner.modeling import ModelError, load_for_inference
+from peft_tuner.scoring import generate_labels, score_rows, text_loss_over_ranks, text_to_class
 
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Loading what to evaluate
-
-
-def load_for_inference(cfg: Config, model_dir: Optional[str] = None, adapter_dir: Optional[str] = None):
-    """(model, tokenizer, method): a merged/standalone folder, or the base model of `cfg` plus an adapter."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    dtype = cfg.eval.dtype or cfg.model.dtype
-    if adapter_dir and not (Path(adapter_dir) / "adapter_config.json").is_file() \
-            and (Path(adapter_dir) / "config.json").is_file():
-        model_dir, adapter_dir = adapter_dir, None  # method=full saves the whole model where the adapter would be
-    if adapter_dir:
-        from peft import PeftModel
-
-        if not (Path(adapter_dir) / "adapter_config.json").is_file():
-            raise ModelError(f"--adapter {adapter_dir}: no adapter_config.json there")
-        model = PeftModel.from_pretrained(load_base_model(cfg.model, "fp32"), adapter_dir)
-        tokenizer = AutoTokenizer.from_pretrained(adapter_dir) if (Path(adapter_dir) / "tokenizer_config.json").is_file() \
-            else load_tokenizer(cfg.model)
-        method = model.peft_config["default"].peft_type.value.lower()
-        if not model.peft_config["default"].is_prompt_learning:
-            # Merge in memory, in fp32 (as exact as base+adapter), then into a base model loaded in the eval dtype:
-            # as fast as the base model. (A merged model cast with .to() ran 3x slower here, for reasons not found.)
-            merged = model.merge_and_unload().state_dict()
-            model = load_base_model(cfg.model, dtype)
-            model.load_state_dict(merged)
-        model = model.to(DTYPES[dtype])
-    elif model_dir:
-        if not (Path(model_dir) / "config.json").is_file():
-            raise ModelError(f"--model {model_dir}: no config.json there; give a merged model folder")
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype])
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        method = "merged"
-    else:
-        model, tokenizer, method = load_base_model(cfg.model, dtype), load_tokenizer(cfg.model), "base"
-    return model.eval(), prepare_tokenizer(tokenizer, cfg.model), method
 
 
 def load_task(cfg: Config, saved_dir: Optional[str]) -> ClassificationTask:
@@ -138,21 +102,7 @@ def evaluate(cfg: Config, out_dir: str | Path, split: str = "eval", model_dir: O
                         desc=f"evaluate ({method}, rank 0 of {world})")
     started = time.time()
     if method == "rank":
-        scores = torch.zeros((len(my_rows) + len(my_reference), len(task.class_names)))
-        for member in members:
-            model, tokenizer, model_kind = load_for_inference(cfg, model_dir, member)
-            model.to(dist.device())
-            encoder = Encoder(tokenizer, task, cfg.data.max_length)
-            member_scores = rank_scores(model, encoder, my_rows + my_reference, cfg.eval.batch_size,
-                                        share_cache=not is_prompt_learning(model), progress=progress)
-            if cfg.eval.calibrate:
-                member_scores = member_scores - content_free_prior(model, encoder)
-            if len(members) > 1:  # an ensemble averages the members' log-probabilities normalised over the classes
-                member_scores = member_scores.log_softmax(-1) / len(members)
-            scores += member_scores
-            del model
-        if len(members) > 1:
-            model_kind = f"ensemble of {len(members)} {model_kind} adapters"
+        scores, model_kind = score_rows(cfg, task, my_rows + my_reference, model_dir, members, progress)
         scores, reference_scores = scores[: len(my_rows)], scores[len(my_rows):]
         if reference:
             offsets = prior_offsets(torch.cat(dist.all_gather_objects(reference_scores)), shares)

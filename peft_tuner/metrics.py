@@ -5,6 +5,12 @@ from __future__ import annotations
 from typing import Optional
 
 INVALID = "<invalid>"
+HEADLINE_KEYS = ("accuracy", "macro_f1", "n", "examples_per_second", "confusion_matrix", "prior_matching")
+
+
+def headline_metrics(result: dict) -> dict:
+    """The figures a report keeps from an evaluation's result."""
+    return {k: result[k] for k in HEADLINE_KEYS if k in result}
 
 
 def classification_metrics(gold: list[str], predicted: list[Optional[str]], class_names: list[str]) -> dict:

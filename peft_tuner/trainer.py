@@ -27,7 +27,8 @@ from peft_tuner.data import (IGNORE_INDEX, DataError, Encoder, build_task, colla
                              read_table, text_blocks)
 from peft_tuner.errors import PeftTunerError
 from peft_tuner.modeling import (DTYPES, add_neftune_noise, build_peft_model, check_peft_applies, count_parameters,
-                                 load_base_model, load_tokenizer, load_trained_model, uses_position_ids)
+                                 is_prompt_learning, keep_adalora_mask, load_base_model, load_tokenizer,
+                                 load_trained_model)
 from peft_tuner.scoring import text_loss_over_ranks
 
 
@@ -148,7 +149,9 @@ def preflight(cfg: Config, resume: bool, overwrite: bool, problems: Optional[lis
 
 
 def _deepspeed_config(cfg: Config, world: int) -> tuple[dict, str, int]:
-    raw, source = ds_config_for.deepspeed_source(cfg)
+    raw, source, zero3_init = ds_config_for.deepspeed_source(cfg)
+    if zero3_init is not None:  # accelerate's zero3_init_flag; the config saved with the run says what was done
+        cfg.train.zero3_init = zero3_init
     ds_config = ds_config_for.resolve_deepspeed_config(raw, cfg, world, source)
     stage = ds_config_for.zero_stage(ds_config)
     problem = ds_config_for.check_method_fits_zero(cfg.peft.method, stage)
@@ -235,7 +238,7 @@ def verify_adapter(engine, cfg: Config, data: TrainData, tokenizer, adapter_dir:
     """Largest |logit| difference between the trained engine and the saved adapter reloaded on a fresh base model."""
     batch = collate(data.examples[:4], tokenizer.pad_token_id)
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    if uses_position_ids(cfg.peft.method):
+    if not is_prompt_learning(engine.module):
         inputs["position_ids"] = batch["position_ids"]
     length = batch["input_ids"].shape[1]
     engine.eval()
@@ -275,7 +278,7 @@ def fit(engine, cfg: Config, data: TrainData, tokenizer, log: "RunLog", global_b
         start_step: int, stage: int) -> dict:
     world, rank = dist.world_size(), dist.rank()
     accumulation, micro = cfg.train.gradient_accumulation, cfg.train.batch_size
-    pass_positions = uses_position_ids(cfg.peft.method)
+    pass_positions = not is_prompt_learning(engine.module)
     total_steps = steps_per_epoch * cfg.train.epochs
     stop = StopRequest()
     progress = _progress_bar(total_steps, start_step)
@@ -315,9 +318,11 @@ def fit(engine, cfg: Config, data: TrainData, tokenizer, log: "RunLog", global_b
                                               f"updated. Last good checkpoint: {latest or 'none'}. Lower train.learning_rate "
                                               f"or check the data, then --resume")
                     if cfg.peft.method == "adalora":
-                        engine.module.base_model.update_and_allocate(step)
+                        engine.module.base_model.update_and_allocate(step)  # reads the gradients: before the step
                 learning_rate = engine.get_lr()[0]  # the rate this step uses
                 engine.step()
+            if cfg.peft.method == "adalora":
+                keep_adalora_mask(engine.module)
             elapsed = time.time() - began
             step_times.append(elapsed)
             done = step + 1
@@ -366,7 +371,7 @@ def accuracy_during_training(engine, cfg: Config, data: TrainData) -> float:
     indices = range(rank * per_rank, (rank + 1) * per_rank)
     mine = [rows[min(i, len(rows) - 1)] for i in indices]
     with eval_autocast(cfg):
-        scores = rank_scores(engine.module, data.encoder, mine, cfg.eval.batch_size, share_cache=uses_position_ids(cfg.peft.method))
+        scores = rank_scores(engine.module, data.encoder, mine, cfg.eval.batch_size)
     names, label = data.encoder.task.class_names, data.encoder.task.label_column
     correct = sum(names[int(s.argmax())] == row[label] for i, s, row in zip(indices, scores, mine) if i < len(rows))
     (total_correct,) = dist.all_reduce([float(correct)])

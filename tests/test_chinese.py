@@ -69,7 +69,7 @@ def test_classification_trains_and_generate_mode_evaluation_reads_the_label_word
 @pytest.mark.slow
 def test_text_task_trains_and_samples_top_k_continuations_of_a_review(chinese_model, data_dir, tmp_path):
     from peft_tuner.config import load_config
-    from peft_tuner.evaluate import load_for_inference
+    from peft_tuner.modeling import load_for_inference
     from peft_tuner.generate import generate
 
     recipe = write_recipe(tmp_path / "recipe.yaml", chinese_model, data_dir / "reviews.csv", tmp_path / "run",

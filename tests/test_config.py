@@ -7,7 +7,7 @@ import pytest
 
 from conftest import ROOT
 from peft_tuner.config import ConfigError, load_config
-from peft_tuner.ds_config import read_deepspeed_file, resolve_deepspeed_config
+from peft_tuner.ds_config import read_deepspeed_file, resolve_deepspeed_config, zero_stage
 
 RECIPES = sorted((ROOT / "configs").glob("*.yaml"))
 DS_CONFIGS = sorted((ROOT / "ds_configs").glob("*.json"))
@@ -133,3 +133,24 @@ def test_rslora_with_adalora_is_refused_and_ignored_keys_are_warned_about(tmp_pa
     assert "peft.num_virtual_tokens" not in err and "peft.use_dora" not in err  # used, or never written
     load_config(str(RECIPES[0]))
     assert "warning" not in capsys.readouterr().err  # the shipped recipe as it is: nothing ignored
+
+
+@pytest.mark.parametrize("env,stage,offload,zero3_init", [
+    ({"ACCELERATE_DEEPSPEED_CONFIG_FILE": "ds_configs/zero3.json", "ACCELERATE_DEEPSPEED_ZERO3_INIT": "false"}, 3, None, False),
+    ({"ACCELERATE_DEEPSPEED_CONFIG_FILE": "ds_configs/zero3.json", "ACCELERATE_DEEPSPEED_ZERO3_INIT": "true"}, 3, None, True),
+    ({"ACCELERATE_DEEPSPEED_ZERO_STAGE": "2", "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "cpu"}, 2, "cpu", False),
+])
+def test_accelerate_deepspeed_settings_are_read_through_its_plugin(monkeypatch, env, stage, offload, zero3_init):
+    """What an accelerate YAML sets reaches the run: the config file or the stage and offload device, and
+    zero3_init_flag (passed by accelerate as ACCELERATE_DEEPSPEED_ZERO3_INIT) decides the partitioned loading."""
+    from peft_tuner.ds_config import deepspeed_source
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    cfg = load_config(str(RECIPES[0]), [])
+    raw, source, init = deepspeed_source(cfg)
+    ds = resolve_deepspeed_config(raw, cfg, n_processes=2, source=source)
+    assert zero_stage(ds) == stage and init is zero3_init
+    assert ds["zero_optimization"].get("offload_optimizer", {}).get("device", "none") == (offload or "none")
+    assert ds["gradient_accumulation_steps"] == cfg.train.gradient_accumulation

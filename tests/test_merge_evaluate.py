@@ -316,7 +316,7 @@ def test_pseudo_label_writes_the_training_rows_then_the_labelled_test_rows(tiny_
     pseudo = written[len(train):]
     assert [(r["Tweet text"], r["ID"]) for r in pseudo] == [(r["Tweet text"], str(r["ID"])) for r in test]
     # the ensemble's scores are kept; the rarer class went to the rows it is most confident of, in its training share
-    scored = [json.loads(l) for l in (tmp_path / "distilled_scores" / "predictions_test.jsonl").open()]
+    scored = [json.loads(l) for l in (tmp_path / "distilled_scores.jsonl").open()]
     labels = [r["Label"] for r in train]
     rare = min(("complaint", "no complaint"), key=labels.count)
     quota = round(labels.count(rare) / len(labels) * 8)
