@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from peft_tuner import distributed as dist
-from peft_tuner.config import Config, save_config
+from peft_tuner.config import Config, ConfigError, save_config
 from peft_tuner.errors import PeftTunerError
 
 CONFIG_FILE = "run_config.yaml"
@@ -210,3 +210,43 @@ def _set_rng_state(state: dict) -> None:
     np.random.set_state(state["numpy"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The run folder before training: refused, replaced or resumed
+
+
+def check_output_dir(cfg: Config, resume: bool, overwrite: bool) -> None:
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir: {out} is a file; choose a folder")
+    holds_run = out.is_dir() and any((out / name).exists() for name in (CONFIG_FILE, ADAPTER_DIR, CHECKPOINT_DIR))
+    if resume and not (out / CHECKPOINT_DIR).is_dir():
+        raise ConfigError(f"--resume: {out} has no checkpoints/ to resume from; drop --resume to start afresh")
+    if holds_run and not (resume or overwrite):
+        raise ConfigError(f"output_dir: {out} already holds a run; pass --resume to continue it, --overwrite to replace "
+                          f"it, or choose another output_dir")
+
+
+def prepare_output_dir(cfg: Config, overwrite: bool) -> None:
+    out = Path(cfg.output_dir)
+    if overwrite:
+        for name in (CHECKPOINT_DIR, ADAPTER_DIR):
+            shutil.rmtree(out / name, ignore_errors=True)
+        for name in ("train_log.jsonl", "summary.json"):
+            (out / name).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / CONFIG_FILE)
+
+
+def find_resumable_checkpoint(cfg: Config, world: int, stage: int) -> Path:
+    """The newest complete checkpoint, refused if it belongs to a run that differs in anything that changes the result."""
+    import yaml
+
+    path = find_latest_checkpoint(cfg)
+    if path is None:
+        raise ConfigError(f"--resume: {checkpoint_root(cfg)} holds no complete checkpoint; drop --resume to start afresh")
+    meta = json.loads((path / "meta.json").read_text())
+    saved_cfg = yaml.safe_load((Path(cfg.output_dir) / CONFIG_FILE).read_text())
+    check_resume_compatible(cfg, saved_cfg, meta, world, stage)
+    return path

@@ -214,10 +214,20 @@ def resolve_config(args, problems: list[str] | None = None):
         return load_config(recipes[0], overrides, problems=problems)
     adapter = getattr(args, "adapter", None)
     saved_dir = (adapter[0] if isinstance(adapter, list) else adapter) or getattr(args, "model", None)
-    saved = Path(saved_dir) / ADAPTER_CONFIG_FILE if saved_dir else None
-    if saved is None or not saved.is_file():
-        raise ConfigError("no recipe given and no saved config beside the model; pass RECIPE.yaml")
-    return load_config(None, overrides, base=yaml.safe_load(saved.read_text()), problems=problems)
+    if not saved_dir:
+        raise ConfigError("no recipe given; pass RECIPE.yaml (or --adapter / --model of a trained run)")
+    saved = Path(saved_dir)
+    if (saved / ADAPTER_CONFIG_FILE).is_file():  # written by peft-tuner train
+        return load_config(None, overrides, base=yaml.safe_load((saved / ADAPTER_CONFIG_FILE).read_text()), problems=problems)
+    base_model = None
+    if (saved / "adapter_config.json").is_file():  # a peft adapter trained elsewhere names its base model
+        base_model = json.loads((saved / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    elif (saved / "config.json").is_file():  # a merged or standalone model is its own base
+        base_model = str(saved)
+    if not base_model:
+        raise ConfigError(f"no recipe given, and {saved} holds neither {ADAPTER_CONFIG_FILE} (peft-tuner train writes it) "
+                          f"nor a peft adapter_config.json naming its base model; pass RECIPE.yaml")
+    return load_config(None, overrides, base={"model": {"name_or_path": base_model}}, problems=problems)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

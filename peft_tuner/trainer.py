@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ import torch.nn.functional as F
 from peft_tuner import checkpoint as ckpt
 from peft_tuner import distributed as dist
 from peft_tuner import ds_config as ds_config_for
-from peft_tuner.config import Config, ConfigError, save_config
+from peft_tuner.config import Config, ConfigError
 from peft_tuner.data import (IGNORE_INDEX, DataError, Encoder, build_task, collate, encode_training_rows, prepare_split,
                              read_table, text_blocks)
 from peft_tuner.errors import PeftTunerError
@@ -77,7 +76,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, problems: 
     if checkpoint is not None:
         start_step = int(ckpt.load_checkpoint(engine, checkpoint)["global_step"])
     if dist.is_main():
-        prepare_output_dir(cfg, overwrite=overwrite and not resume)
+        ckpt.prepare_output_dir(cfg, overwrite=overwrite and not resume)
     dist.barrier()
 
     log = RunLog(Path(cfg.output_dir) / "train_log.jsonl", append=resume)
@@ -134,7 +133,7 @@ def preflight(cfg: Config, resume: bool, overwrite: bool, problems: Optional[lis
             problems.append(str(e))
             return None
 
-    check(check_output_dir, cfg, resume, overwrite)
+    check(ckpt.check_output_dir, cfg, resume, overwrite)
     world = dist.expected_world_size()
     ds = check(_deepspeed_config, cfg, world)
     ds_config, ds_source, stage = ds or (None, None, None)
@@ -142,7 +141,7 @@ def preflight(cfg: Config, resume: bool, overwrite: bool, problems: Optional[lis
     if tokenizer is not None:
         check(check_peft_applies, cfg.model, cfg.peft)
     data = check(setup_data, cfg, tokenizer)
-    checkpoint = check(find_resumable_checkpoint, cfg, world, stage) if resume and ds else None
+    checkpoint = check(ckpt.find_resumable_checkpoint, cfg, world, stage) if resume and ds else None
     if problems:
         raise ConfigError(f"{len(problems)} problem(s); nothing was loaded or written:\n  - " + "\n  - ".join(problems))
     return world, ds_config, ds_source, stage, tokenizer, data, checkpoint
@@ -158,29 +157,6 @@ def _deepspeed_config(cfg: Config, world: int) -> tuple[dict, str, int]:
     if problem:
         raise ConfigError(problem)
     return ds_config, source, stage
-
-
-def check_output_dir(cfg: Config, resume: bool, overwrite: bool) -> None:
-    out = Path(cfg.output_dir)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"output_dir: {out} is a file; choose a folder")
-    holds_run = out.is_dir() and any((out / name).exists() for name in (ckpt.CONFIG_FILE, ckpt.ADAPTER_DIR, ckpt.CHECKPOINT_DIR))
-    if resume and not (out / ckpt.CHECKPOINT_DIR).is_dir():
-        raise ConfigError(f"--resume: {out} has no checkpoints/ to resume from; drop --resume to start afresh")
-    if holds_run and not (resume or overwrite):
-        raise ConfigError(f"output_dir: {out} already holds a run; pass --resume to continue it, --overwrite to replace "
-                          f"it, or choose another output_dir")
-
-
-def prepare_output_dir(cfg: Config, overwrite: bool) -> None:
-    out = Path(cfg.output_dir)
-    if overwrite:
-        for name in (ckpt.CHECKPOINT_DIR, ckpt.ADAPTER_DIR):
-            shutil.rmtree(out / name, ignore_errors=True)
-        for name in ("train_log.jsonl", "summary.json"):
-            (out / name).unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / ckpt.CONFIG_FILE)
 
 
 def setup_data(cfg: Config, tokenizer) -> Optional[TrainData]:
@@ -255,19 +231,6 @@ def verify_adapter(engine, cfg: Config, data: TrainData, tokenizer, adapter_dir:
         del reloaded
     (difference,) = dist.all_reduce([difference or 0.0], op="max")
     return difference
-
-
-def find_resumable_checkpoint(cfg: Config, world: int, stage: int) -> Path:
-    """The newest complete checkpoint, refused if it belongs to a run that differs in anything that changes the result."""
-    import yaml
-
-    path = ckpt.find_latest_checkpoint(cfg)
-    if path is None:
-        raise ConfigError(f"--resume: {ckpt.checkpoint_root(cfg)} holds no complete checkpoint; drop --resume to start afresh")
-    meta = json.loads((path / "meta.json").read_text())
-    saved_cfg = yaml.safe_load((Path(cfg.output_dir) / ckpt.CONFIG_FILE).read_text())
-    ckpt.check_resume_compatible(cfg, saved_cfg, meta, world, stage)
-    return path
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from peft_tuner.evaluate import prior_offsets
 from peft_tuner.metrics import classification_metrics
 from peft_tuner.scoring import CandidateTree, rank_scores, takes_tree_mask, text_to_class
 from peft_tuner.merge import MergeError, merge
-from peft_tuner.modeling import build_peft_model, load_base_model, load_tokenizer
+from peft_tuner.modeling import build_peft_model, decode, load_base_model, load_tokenizer
 
 VARIANTS = {"lora": {}, "dora": {"use_dora": True}, "rslora": {"use_rslora": True}}
 
@@ -170,7 +170,7 @@ def test_evaluation_over_two_processes_returns_every_row_once(tiny_models, data_
     assert [r["Label"] for r in submission] == [p["prediction"] for p in outputs["python", "test"]]
 
 
-def test_generate_greedy_beam_and_sampling(tiny_models, tmp_path):
+def test_generate_greedy_and_sampling(tiny_models, tmp_path):
     from peft_tuner.generate import generate
 
     tokenizer = load_tokenizer(ModelConfig(name_or_path=str(tiny_models["llama"])))
@@ -180,14 +180,53 @@ def test_generate_greedy_beam_and_sampling(tiny_models, tmp_path):
     cfg.generate.max_new_tokens = 6
     greedy = generate(model, tokenizer, prompts, cfg)
     assert generate(model, tokenizer, prompts[:1], cfg) == greedy[:1]  # left padding does not change the output
-    cfg.generate.num_beams, cfg.generate.num_return_sequences = 3, 2
-    beams = generate(model, tokenizer, prompts, cfg)
-    assert [len(o) for o in beams] == [2, 2]
     cfg.generate.num_beams, cfg.generate.num_return_sequences = 1, 1
     cfg.generate.do_sample, cfg.generate.top_k, cfg.generate.temperature = True, 5, 1.5
     sampled = generate(model, tokenizer, prompts, cfg, seed=3)
     assert sampled == generate(model, tokenizer, prompts, cfg, seed=3)
     assert sampled != generate(model, tokenizer, prompts, cfg, seed=4) and sampled != greedy  # sampling happens
+
+
+def test_beam_search_returns_the_most_likely_continuations_it_found(tiny_models):
+    """Beams are distinct token sequences in the order of their log-probability (computed here, one sequence at a time),
+    the best at least as likely as greedy's, and more likely for a prompt where greedy's first token was a poor choice."""
+    from peft_tuner.data import encode_prompt
+    from peft_tuner.generate import generate
+
+    tokenizer = load_tokenizer(ModelConfig(name_or_path=str(tiny_models["llama"])))
+    model = load_base_model(ModelConfig(name_or_path=str(tiny_models["llama"]))).eval()
+    prompts = ["Tweet text : hello", "a much longer prompt than the first one is"]
+    generated, original = [], model.generate
+
+    def keep_ids(**kwargs):
+        out = original(**kwargs)
+        generated.append(out[:, kwargs["input_ids"].shape[1]:])
+        return out
+
+    model.generate = keep_ids
+    cfg = Config()
+    cfg.generate.max_new_tokens = 3
+    greedy_text = generate(model, tokenizer, prompts, cfg)
+    cfg.generate.num_beams = cfg.generate.num_return_sequences = 4
+    beam_text = generate(model, tokenizer, prompts, cfg)
+    greedy, beams = generated[0].tolist(), generated[1].view(len(prompts), 4, -1).tolist()
+
+    def log_prob(prompt: str, continuation: list[int]) -> float:
+        ids = encode_prompt(tokenizer, prompt)
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids + continuation])).logits[0, len(ids) - 1:-1]
+        return float(logits.log_softmax(-1).gather(-1, torch.tensor(continuation)[:, None]).sum())
+
+    improved = 0
+    for i, prompt in enumerate(prompts):
+        assert all(tokenizer.eos_token_id not in b for b in beams[i])  # all of one length: scores compare as sums
+        assert len({tuple(b) for b in beams[i]}) == 4
+        scores = [log_prob(prompt, b) for b in beams[i]]
+        assert scores == sorted(scores, reverse=True), scores
+        assert scores[0] >= log_prob(prompt, greedy[i]) - 1e-5
+        improved += scores[0] > log_prob(prompt, greedy[i]) + 1e-3
+        assert beam_text[i] == decode(tokenizer, torch.tensor(beams[i]))
+    assert improved >= 1 and beam_text != [[g] * 4 for g in greedy_text]
 
 
 @pytest.mark.slow
@@ -246,6 +285,76 @@ def test_several_adapters_are_scored_as_one_ensemble(tiny_models, tmp_path, data
     assert alone[0] != alone[1]  # two different members
     with pytest.raises(ConfigError, match="an ensemble of adapters is scored by rank classification"):
         evaluate(cfg, tmp_path / "generate", adapter_dir=members, method="generate", quiet=True)
+
+
+def test_generate_scoring_maps_each_greedy_answer_to_its_class(tiny_models, tmp_path, data_dir):
+    """--method generate: each row's output is the greedy continuation of its prompt (as `generate` gives it on the
+    merged weights), and its class is the label that output names, else none (counted invalid)."""
+    from peft_tuner.evaluate import evaluate
+    from peft_tuner.generate import generate
+    from peft_tuner.modeling import load_for_inference
+
+    adapter = tmp_path / "adapter"
+    make_adapter(tiny_models["llama"], adapter, seed=5)
+    cfg = Config(model=ModelConfig(name_or_path=str(tiny_models["llama"])))
+    cfg.data.train_file = cfg.data.eval_file = str(data_dir / "raft")
+    cfg.eval.max_new_tokens = cfg.generate.max_new_tokens = 3
+    result = evaluate(cfg, tmp_path / "eval", adapter_dir=str(adapter), method="generate", quiet=True)
+    rows = [json.loads(l) for l in (tmp_path / "eval" / "predictions_eval.jsonl").open()]
+    model, tokenizer, _ = load_for_inference(cfg, adapter_dir=str(adapter))
+    expected = [o[0] for o in generate(model, tokenizer, [r["prompt"] for r in rows], cfg)]
+    assert [r["output"] for r in rows] == expected
+    assert [r["prediction"] for r in rows] == [text_to_class(o, {"complaint": "complaint", "no complaint": "no complaint"})
+                                             for o in expected]
+    invalid = sum(r["prediction"] is None for r in rows)
+    assert result["n"] == 8 and result["accuracy"] == sum(r["prediction"] == r["gold"] for r in rows) / 8
+    assert invalid == sum(result["confusion_matrix"][g].get("<invalid>", 0) for g in result["confusion_matrix"])
+
+
+def test_calibration_subtracts_the_content_free_prior(tiny_models, tmp_path, data_dir):
+    """eval.calibrate: each class score minus the mean class log-probability of the content-free prompts ("N/A", "",
+    "[MASK]"), computed here from rank_scores of those prompts."""
+    from peft_tuner.evaluate import evaluate
+    from peft_tuner.modeling import load_for_inference
+
+    adapter = tmp_path / "adapter"
+    make_adapter(tiny_models["llama"], adapter, seed=6)
+    cfg = Config(model=ModelConfig(name_or_path=str(tiny_models["llama"])))
+    cfg.data.train_file = cfg.data.eval_file = str(data_dir / "raft")
+    evaluate(cfg, tmp_path / "plain", adapter_dir=str(adapter), quiet=True)
+    cfg.eval.calibrate = True
+    evaluate(cfg, tmp_path / "calibrated", adapter_dir=str(adapter), quiet=True)
+    plain, calibrated = ([json.loads(l) for l in (tmp_path / name / "predictions_eval.jsonl").open()]
+                         for name in ("plain", "calibrated"))
+    model, tokenizer, _ = load_for_inference(cfg, adapter_dir=str(adapter))
+    task = build_task(cfg.data, read_table(cfg.data.train_file, "train"))
+    content_free = rank_scores(model, Encoder(tokenizer, task, cfg.data.max_length),
+                               [{"Tweet text": t} for t in ("N/A", "", "[MASK]")], batch_size=3)
+    prior = torch.logsumexp(content_free.log_softmax(-1), 0) - math.log(3)
+    assert prior.abs().max() > 1e-3  # a real offset, not zero
+    for p, c in zip(plain, calibrated):
+        expected = torch.tensor(list(p["scores"].values())) - prior
+        torch.testing.assert_close(torch.tensor(list(c["scores"].values())), expected, atol=1e-5, rtol=1e-5)
+        assert c["prediction"] == task.class_names[int(expected.argmax())]
+
+
+def test_merge_and_generate_launch_scripts_take_an_adapter_without_a_recipe(tiny_models, tmp_path):
+    """`python launch/merge.py --adapter A --out M` and `python launch/generate.py --model M --prompt ...`: the adapter
+    folder holds its base model's path and its tokenizer; the merged model generates what base + adapter does."""
+    from peft_tuner.generate import generate
+    from peft_tuner.modeling import load_for_inference
+
+    adapter = tmp_path / "adapter"
+    make_adapter(tiny_models["llama"], adapter, seed=8)
+    run([sys.executable, str(ROOT / "launch" / "merge.py"), "--adapter", str(adapter), "--out", str(tmp_path / "merged")])
+    assert (tmp_path / "merged" / "config.json").is_file() and not (tmp_path / "merged" / "adapter_config.json").exists()
+    proc = run([sys.executable, str(ROOT / "launch" / "generate.py"), "--model", str(tmp_path / "merged"),
+                "--prompt", "Tweet text : hello", "generate.max_new_tokens=4"])
+    cfg = Config(model=ModelConfig(name_or_path=str(tiny_models["llama"])))
+    cfg.generate.max_new_tokens = 4
+    model, tokenizer, _ = load_for_inference(cfg, adapter_dir=str(adapter))
+    expected = generate(model, tokenizer, ["Tweet text : hello"], cfg)[0][0]
+    assert expected.strip() and expected.strip() in proc.stdout, (expected, proc.stdout[-2000:])
 
 
 def test_match_prior_offsets_the_scores_to_the_training_shares(tiny_models, tmp_path, data_dir):

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import ds_config, records, run, step_losses, write_recipe
+from conftest import ds_config, run, step_losses, write_recipe
 
 RUNS = """
 import json, sys
