@@ -157,9 +157,8 @@ def load_for_inference(cfg: Config, model_dir: Optional[str] = None, adapter_dir
     method=full saves where the adapter would be), or the base model alone. Never with gradient checkpointing, which
     turns the generation cache off.
 
-    A LoRA-like adapter is merged in fp32 (as exact as base + adapter) and its weights are loaded into a base model
-    loaded in eval.dtype (else model.dtype), which then runs as fast as the base model; prompt-learning adapters stay
-    wrapped."""
+    A LoRA-like adapter is merged in memory, in fp32 (as exact as base + adapter), and the merged model is cast to
+    eval.dtype (else model.dtype): it runs as fast as the base model. Prompt-learning adapters stay wrapped."""
     from transformers import AutoTokenizer
 
     dtype = cfg.eval.dtype or cfg.model.dtype
@@ -175,9 +174,7 @@ def load_for_inference(cfg: Config, model_dir: Optional[str] = None, adapter_dir
         tokenizer = AutoTokenizer.from_pretrained(adapter_dir) if (Path(adapter_dir) / "tokenizer_config.json").is_file() \
             else load_tokenizer(model_cfg)
         if not is_prompt_learning(model):
-            merged = model.merge_and_unload().state_dict()
-            model = load_base_model(model_cfg, dtype)
-            model.load_state_dict(merged)
+            model = model.merge_and_unload()
         model = model.to(DTYPES[dtype])
     elif model_dir:
         if not (Path(model_dir) / "config.json").is_file():
