@@ -5,7 +5,7 @@
 Each run trains with `python launch/train.py` (one process, ZeRO off: same loop as every launcher) and evaluates with
 `peft_tuner.evaluate`. `--cv K` trains on K-1 folds of the 50 training rows and scores the held-out fold: settings are
 chosen on that, never on dev.csv labels. `--eval` scores dev.csv (300 labelled rows). Every result is appended to
-docs/experiments.jsonl; `python bench/experiments.py table` rewrites the table in docs/experiments.md.
+bench/results/experiments.jsonl; `python bench/experiments.py table` rewrites the table in docs/experiments.md.
 """
 from __future__ import annotations
 
@@ -23,7 +23,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 RECIPE = ROOT / "configs" / "twitter_complaints_smollm2.yaml"
-RESULTS = ROOT / "docs" / "experiments.jsonl"
+RESULTS = ROOT / "bench" / "results" / "experiments.jsonl"
+TABLE_MARKERS = ("<!-- experiments table: begin (written by `python bench/experiments.py table`) -->",
+                 "<!-- experiments table: end -->")
 WORK = ROOT / "outputs" / "experiments"
 TRAIN_CSV = ROOT.parent / "shared" / "data" / "raft" / "twitter_complaints" / "train.csv"
 
@@ -135,8 +137,14 @@ def table(_args) -> None:
                      f"| {stat([r.get('cv_accuracy') for r in rs])} | {stat([r.get('dev_accuracy') for r in rs])} "
                      f"| {stat([r.get('dev_accuracy_generate') for r in rs])} | {stat([r.get('dev_macro_f1') for r in rs])} |")
     doc = ROOT / "docs" / "experiments.md"
-    head = doc.read_text().split("<!-- table -->")[0] if doc.is_file() else "# Experiments\n\n"
-    doc.write_text(head + "<!-- table -->\n" + "\n".join(lines) + "\n\nEvery row's commands are in docs/experiments.jsonl.\n")
+    text = doc.read_text() if doc.is_file() else "# Experiments\n\n"
+    block = "\n".join([TABLE_MARKERS[0], *lines, "", "Every row's commands are in bench/results/experiments.jsonl.", TABLE_MARKERS[1]])
+    if TABLE_MARKERS[0] in text and TABLE_MARKERS[1] in text:  # only the generated block is replaced
+        before, rest = text.split(TABLE_MARKERS[0], 1)
+        text = before + block + rest.split(TABLE_MARKERS[1], 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    doc.write_text(text)
     print("\n".join(lines))
 
 

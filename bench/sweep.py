@@ -1,7 +1,7 @@
 """Many accuracy experiments at once (a GPU machine, or patience): cross-validation on the 50 training rows, dev.csv,
 self-training on the unlabelled tweets, seed ensembles. Run on purpose, never by the tests.
 
-    python bench/sweep.py SPEC.json --results docs/sweep.jsonl --workers 12 [--data DIR] [--deadline SECONDS]
+    python bench/sweep.py SPEC.json --results bench/results/sweep.jsonl --workers 12 [--data DIR] [--deadline SECONDS]
 
 SPEC.json is a list of settings: {"name", "overrides": [...], "seeds": [...], "cv": K (0: none), "dev": true/false,
 "self_train": {"pseudo": N, "rounds": R} (optional), "unlabelled": N (optional: also store the final model's class
@@ -333,7 +333,7 @@ def markdown(summary: dict[str, dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("spec", nargs="?", help="JSON list of settings")
-    parser.add_argument("--results", default=str(ROOT / "docs" / "sweep.jsonl"))
+    parser.add_argument("--results", default=str(ROOT / "bench" / "results" / "sweep.jsonl"))
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "raft" / "twitter_complaints"))
     parser.add_argument("--work", default=str(ROOT / "outputs" / "sweep"))
     parser.add_argument("--workers", type=int, default=1)

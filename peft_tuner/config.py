@@ -85,6 +85,9 @@ class TrainConfig:
     weight_decay: float = _help(0.0, "AdamW weight decay.")
     batch_size: int = _help(8, "Micro-batch per process (DeepSpeed's train_micro_batch_size_per_gpu).")
     gradient_accumulation: int = _help(1, "Micro-batches per optimizer step.")
+    padding_free: bool = _help(False, "Each micro-batch's rows as one sequence without padding: positions restart at "
+                                      "each row and attention stays within it; the loss is the padded batch's. Not "
+                                      "for prompt learning (virtual tokens lead every row).")
     lr_scheduler: str = _help("linear", "linear, cosine or constant, after warmup.")
     warmup_ratio: float = _help(0.0, "Share of the optimizer steps spent warming up linearly from 0.")
     max_grad_norm: float = _help(1.0, "Gradient clipping norm (0 turns clipping off).")
@@ -400,6 +403,9 @@ def validate(cfg: Config) -> list[str]:
     check(cfg.train.learning_rate > 0, "train.learning_rate: must be positive")
     check(cfg.train.batch_size > 0, "train.batch_size: must be positive")
     check(cfg.train.gradient_accumulation > 0, "train.gradient_accumulation: must be positive")
+    check(not (cfg.train.padding_free and cfg.peft.method in PROMPT_LEARNING_METHODS),
+          f"train.padding_free: peft.method={cfg.peft.method} puts virtual tokens before each row, which one sequence "
+          f"of several rows cannot have; set train.padding_free=false")
     check(cfg.train.lr_scheduler in ("linear", "cosine", "constant"), f"train.lr_scheduler: '{cfg.train.lr_scheduler}' is not one of linear, cosine, constant")
     check(0 <= cfg.train.warmup_ratio < 1, "train.warmup_ratio: must be in [0, 1)")
     check(cfg.train.max_grad_norm >= 0, "train.max_grad_norm: must be >= 0")

@@ -132,10 +132,26 @@ def load_base_model(cfg: ModelConfig, dtype: Optional[str] = None):
         model.is_quantized = False
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
+    contiguous_head_inputs(model)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return model
+
+
+def contiguous_head_inputs(model):
+    head = model.get_output_embeddings()
+    if head is not None:
+        head.register_forward_pre_hook(_contiguous_inputs)
+    return model
+
+
+def _contiguous_inputs(module, args):
+    """Before the LM head. Scoring and generation keep the last position only (logits_to_keep), a [batch, 1, hidden]
+    slice that is not contiguous; with the head's weight frozen (always, but for full fine-tuning), torch's matmul then
+    expands the weight to one copy per row (a bmm) instead of one matrix product. Measured on SmolLM2 (bf16, 2 cores):
+    rank classification 9.0 examples/s with frozen weights, 30.7 with trainable ones; a contiguous input is as fast."""
+    return tuple(a.contiguous() if isinstance(a, torch.Tensor) else a for a in args)
 
 
 def load_trained_model(model_cfg: ModelConfig, trained_dir, dtype: Optional[str] = None):
@@ -149,7 +165,7 @@ def load_trained_model(model_cfg: ModelConfig, trained_dir, dtype: Optional[str]
 
     if not (trained_dir / "config.json").is_file():
         raise ModelError(f"{trained_dir}: neither an adapter (adapter_config.json) nor a model folder (config.json)")
-    return AutoModelForCausalLM.from_pretrained(str(trained_dir), dtype=DTYPES[dtype or model_cfg.dtype])
+    return contiguous_head_inputs(AutoModelForCausalLM.from_pretrained(str(trained_dir), dtype=DTYPES[dtype or model_cfg.dtype]))
 
 
 def load_for_inference(cfg: Config, model_dir: Optional[str] = None, adapter_dir: Optional[str] = None):

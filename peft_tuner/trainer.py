@@ -22,8 +22,8 @@ from peft_tuner import checkpoint as ckpt
 from peft_tuner import distributed as dist
 from peft_tuner import ds_config as ds_config_for
 from peft_tuner.config import Config, ConfigError
-from peft_tuner.data import (IGNORE_INDEX, DataError, Encoder, build_task, collate, encode_training_rows, prepare_split,
-                             read_table, text_blocks)
+from peft_tuner.data import (IGNORE_INDEX, DataError, Encoder, build_task, collate, collate_padding_free,
+                             encode_training_rows, prepare_split, read_table, real_tokens, text_blocks)
 from peft_tuner.errors import PeftTunerError
 from peft_tuner.modeling import (DTYPES, add_neftune_noise, build_peft_model, check_peft_applies, count_parameters,
                                  is_prompt_learning, keep_adalora_mask, load_base_model, load_tokenizer,
@@ -70,6 +70,8 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, problems: 
     add_neftune_noise(model, cfg.train.neftune_alpha)
     trainable, total = count_parameters(model)
     engine = setup_engine(model, ds_config, cfg, total_steps)
+    if cfg.train.padding_free:
+        check_padding_free(engine.module, data.examples, tokenizer.pad_token_id, cfg.model.dtype)
     torch.manual_seed(cfg.train.seed + dist.rank())  # dropout differs across ranks, reproducibly
 
     start_step = 0
@@ -256,10 +258,10 @@ def fit(engine, cfg: Config, data: TrainData, tokenizer, log: "RunLog", global_b
             began = time.time()
             indices = global_batch_indices(order, step_in_epoch, global_batch)
             mine = indices[rank * micro * accumulation:(rank + 1) * micro * accumulation]
-            batches = [collate([data.examples[i] for i in mine[k * micro:(k + 1) * micro]], tokenizer.pad_token_id)
-                       for k in range(accumulation)]
+            rows = [[data.examples[i] for i in mine[k * micro:(k + 1) * micro]] for k in range(accumulation)]
+            batches = [collate_padding_free(r) if cfg.train.padding_free else collate(r, tokenizer.pad_token_id) for r in rows]
             local_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
-            local_seen = sum(int(b["attention_mask"].sum()) for b in batches)
+            local_seen = sum(real_tokens(b) for b in batches)
             global_tokens, global_seen, stop_flag = dist.all_reduce([local_tokens, local_seen, float(stop.requested)])
             if stop_flag > 0:
                 path = ckpt.save_checkpoint(engine, cfg, _loop_state(step, epoch, world, stage))
@@ -351,15 +353,36 @@ def eval_autocast(cfg: Config):
 
 
 def token_loss_sum(engine, batch: dict, pass_positions: bool) -> torch.Tensor:
-    """Sum of next-token cross-entropy over label tokens (prompt and padding are -100)."""
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    """Sum of next-token cross-entropy over label tokens (prompt and padding are -100). A padding-free batch has no
+    attention mask: its position ids tell the rows apart. No cache: a training forward never reads one again."""
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}
     if pass_positions:
         inputs["position_ids"] = batch["position_ids"]
-    logits = engine(**inputs).logits
+    logits = engine(**inputs, use_cache=False).logits
     length = batch["input_ids"].shape[1]
     logits = logits[:, -length:, :]  # prompt-tuning models prepend virtual tokens
     return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1),
                            ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def check_padding_free(model, examples: list[dict], pad: int, dtype: str) -> None:
+    """Padding-free batches rely on the model telling the rows of one sequence apart by their positions (Llama-style
+    and GPT-2 models do; BLOOM's ALiBi takes no positions, and OPT builds a mask of its own). Checked once, before the
+    first step, on the first rows: their loss as one sequence must be their loss as a padded batch (relative 1e-5 in
+    fp32; 5e-3 in bf16 / fp16, where padding alone moves the loss that much)."""
+    rows = examples[:4]
+    if len(rows) < 2:
+        return
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        padded, flat = (float(token_loss_sum(model, {k: v.to(dist.device()) for k, v in batch.items()}, True))
+                        for batch in (collate(rows, pad), collate_padding_free(rows)))
+    model.train(was_training)
+    if not math.isclose(padded, flat, rel_tol=1e-5 if dtype == "fp32" else 5e-3):
+        raise ConfigError(f"train.padding_free: this {model.config.model_type} model lets the rows of one sequence see "
+                          f"each other (their loss {flat:.6f} against {padded:.6f} padded): it does not restart attention "
+                          f"where the positions restart; set train.padding_free=false")
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:

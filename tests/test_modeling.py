@@ -84,3 +84,15 @@ def test_missing_model_path_and_fake_gguf_are_refused_before_loading(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelError, match="has no config.json"):
         resolve_model_source(ModelConfig(name_or_path=str(tmp_path / "empty")))
+
+
+def test_the_lm_head_gets_a_contiguous_input_when_only_the_last_position_is_kept(tiny_models):
+    """Scoring and generation keep only the last position (logits_to_keep=1), a non-contiguous slice; with the head's
+    weight frozen, torch then multiplies by one copy of the weight per row (3.4x slower rank classification on
+    SmolLM2). Every model we load hands the head a contiguous input."""
+    model = load_base_model(ModelConfig(name_or_path=str(tiny_models["llama"]))).eval().requires_grad_(False)
+    seen = []
+    model.get_output_embeddings().register_forward_hook(lambda module, args, out: seen.append(args[0].is_contiguous()))
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]]), logits_to_keep=1)
+    assert seen == [True]

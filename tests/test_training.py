@@ -8,7 +8,9 @@ import sys
 
 import pytest
 
-from conftest import ds_config, run, step_losses, write_recipe
+import torch
+
+from conftest import ds_config, records, run, step_losses, write_recipe
 
 RUNS = """
 import json, sys
@@ -40,6 +42,7 @@ def runs(tiny_models, data_dir, tmp_path_factory):
     for micro, accumulation in ((8, 1), (4, 2), (2, 4)):
         plan.append((f"accumulate{micro}x{accumulation}", tiny_models["llama"],
                      [f"train.batch_size={micro}", f"train.gradient_accumulation={accumulation}", "train.epochs=3"]))
+    plan.append(("padding-free8x1", tiny_models["llama"], ["train.batch_size=8", "train.epochs=3", "train.padding_free=true"]))
     plan.append(("adalora", tiny_models["llama"],
                  ["peft.method=adalora", "peft.r=4", "train.epochs=4", f"deepspeed={ds_config('zero0.json')}"]))
     for arch in PINNED:
@@ -75,6 +78,63 @@ def test_adalora_trains_through_the_engine_and_reloads(runs):
     assert results["adalora"]["adapter_max_logit_diff"] < 1e-4
     config = json.loads((root / "adalora" / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == "ADALORA" and config["target_r"] == 4
+
+
+def test_padding_free_training_gives_the_losses_of_padded_batches(runs):
+    """The same rows per step as one sequence each, through the engine: every step's loss equals the padded run's."""
+    root, _ = runs
+    padded, flat = step_losses(root / "accumulate8x1"), step_losses(root / "padding-free8x1")
+    assert len(flat) == len(padded) == 6
+    assert max(abs(a - b) for a, b in zip(padded, flat)) < 1e-5, (padded, flat)
+    tokens = [r["tokens_per_second"] * r["step_seconds"] for r in records(root / "padding-free8x1") if r.get("event") == "step"]
+    padded_tokens = [r["tokens_per_second"] * r["step_seconds"] for r in records(root / "accumulate8x1") if r.get("event") == "step"]
+    assert [round(t) for t in tokens] == [round(t) for t in padded_tokens]  # real tokens counted alike, padding left out
+
+
+@pytest.mark.parametrize("arch,keeps_rows_apart", [("gpt2", True), ("llama", True), ("bloom", False), ("opt", False)])
+def test_padding_free_batch_has_the_padded_batch_loss_and_gradients(tiny_models, data_dir, arch, keeps_rows_apart):
+    """fp32, one forward and backward: the rows as one sequence (positions restarting, no attention mask) against the
+    same rows left-padded. Equal mean token loss within 1e-5 and equal LoRA gradients where the model confines attention
+    by positions; the others (BLOOM's ALiBi takes no positions, OPT makes its own mask) are refused before training."""
+    from peft_tuner.config import ConfigError
+    from peft_tuner.trainer import check_padding_free
+
+    from peft_tuner.config import DataConfig, ModelConfig, PeftSettings
+    from peft_tuner.data import (Encoder, build_task, collate, collate_padding_free, encode_training_rows, prepare_split,
+                                 read_table)
+    from peft_tuner.modeling import build_peft_model, load_base_model, load_tokenizer
+    from peft_tuner.trainer import token_loss_sum
+
+    model_cfg = ModelConfig(name_or_path=str(tiny_models[arch]))
+    tokenizer = load_tokenizer(model_cfg)
+    data = DataConfig(train_file=str(data_dir / "raft"))
+    table = read_table(data.train_file, "train")
+    task = build_task(data, table)
+    examples = encode_training_rows(Encoder(tokenizer, task, 48), prepare_split(task, table, data, require_labels=True).rows)[0][:5]
+    labelled = sum(sum(label != -100 for label in e["labels"][1:]) for e in examples)
+    assert len({len(e["input_ids"]) for e in examples}) > 1  # rows of different lengths: the padded batch has padding
+    torch.manual_seed(0)
+    model = build_peft_model(load_base_model(model_cfg), PeftSettings(r=4, dropout=0.0), model_cfg, total_steps=1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)  # LoRA B starts at zero: give the adapter a say
+    results = []
+    for batch in (collate(examples, tokenizer.pad_token_id), collate_padding_free(examples)):
+        model.zero_grad()
+        loss = token_loss_sum(model, batch, pass_positions=True)
+        loss.backward()
+        results.append((float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    (padded, padded_grads), (flat, flat_grads) = results
+    if not keeps_rows_apart:
+        assert abs(flat - padded) / labelled > 1e-6  # the rows saw each other
+        with pytest.raises(ConfigError, match=f"train.padding_free: this {arch} model lets the rows"):
+            check_padding_free(model, examples, tokenizer.pad_token_id, "fp32")
+        return
+    check_padding_free(model, examples, tokenizer.pad_token_id, "fp32")
+    assert abs(flat - padded) / labelled < 1e-5, (flat / labelled, padded / labelled)  # the mean token loss
+    for name, grad in padded_grads.items():
+        torch.testing.assert_close(flat_grads[name], grad, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("arch", list(PINNED))

@@ -240,6 +240,27 @@ def text_blocks(tokenizer, table: Table, cfg: DataConfig) -> tuple[list[dict], b
     return cached_examples("text", key, build)
 
 
+def collate_padding_free(examples: list[dict]) -> dict[str, torch.Tensor]:
+    """The rows one after another as one sequence [1, total tokens], no padding and no attention mask: positions
+    restart at 0 on each row, from which transformers confines attention to each row (masking_utils'
+    find_packed_sequence_indices, used where no attention mask is given). Each row's first label is -100: it would be
+    predicted from the row before (in a padded batch the shift drops it)."""
+    input_ids, labels, positions = [], [], []
+    for e in examples:
+        n = len(e["input_ids"])
+        row_labels = list(e.get("labels", [IGNORE_INDEX] * n))
+        row_labels[0] = IGNORE_INDEX
+        input_ids += e["input_ids"]
+        labels += row_labels
+        positions += range(n)
+    return {"input_ids": torch.tensor([input_ids]), "labels": torch.tensor([labels]), "position_ids": torch.tensor([positions])}
+
+
+def real_tokens(batch: dict) -> int:
+    """Tokens that are not padding."""
+    return int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+
+
 def collate(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Left-pad to the longest sequence of this batch; -100 labels and 0 attention on padding; positions from the mask."""
     width = max(len(e["input_ids"]) for e in examples)

@@ -17,3 +17,5 @@ run peft-example --seeds 1 2 3 --eval --also-generate -- $BATCH data.max_length=
 # 3. Added later: the reference prompt without its trailing space, class names as the model writes them (leading space).
 run cv-spaced-label-words --seeds 1 --cv 2 -- $BATCH 'data.prompt_template="Tweet text : {Tweet text} Label :"' \
   'data.label_words={complaint: " complaint", "no complaint": " no complaint"}'
+.venv/bin/python bench/experiments.py chosen --seeds 1 2 3
+.venv/bin/python bench/experiments.py table

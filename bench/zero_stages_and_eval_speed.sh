@@ -24,4 +24,4 @@ $PY -m peft_tuner.cli evaluate --adapter outputs/demo/train/adapter --split test
 $PY -m peft_tuner.cli evaluate $RECIPE --split test data.test_file=../shared/data/raft/banking_77 \
   data.train_file=../shared/data/raft/banking_77 data.text_column=Query data.label_column=Label \
   'data.prompt_template="Query : {Query} Label : "' data.max_length=96 output_dir=$OUT/banking77 --out $OUT/test_banking77 > $OUT/test_banking77.log 2>&1
-$PY bench/write_benchmarks.py
+$PY bench/zero_stages_and_eval_speed_report.py

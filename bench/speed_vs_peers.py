@@ -1,0 +1,465 @@
+"""How fast does peft_tuner train and evaluate, against the loops its users would otherwise run? One command:
+
+    .venv/bin/pip install -r bench/requirements.txt     # TRL, for its SFTTrainer (once)
+    .venv/bin/python bench/speed_vs_peers.py            # tiny Llama and SmolLM2-135M-Instruct; 1 and 2 processes
+    .venv/bin/python bench/speed_vs_peers.py --models tiny --repeats 1  # a minute: does every loop run?
+
+Same model, rows (RAFT twitter_complaints: the 50 training rows, 300 dev rows), settings and machine for every loop:
+the PEFT example's (LoRA r=8, alpha 32, dropout 0.1 on q_proj and v_proj, AdamW lr 3e-3, linear schedule, batch 8,
+rows cut at 64 tokens, fp32). Each loop runs in its own process, one after another (two CPU-heavy jobs at once slow
+each other down); each is repeated and the medians are reported.
+
+- peft-example: the PEFT example's loop (peft_lora_clm_accelerate_ds_zero3_offload.py), written again here: every row
+  left-padded to 64 tokens, label + pad token appended, labels -100 on prompt and padding, accelerate's Accelerator
+  (its DeepSpeed plugin under `accelerate launch`); evaluation by greedy generation of 10 tokens, matched exactly.
+- hf-trainer, hf-trainer-grouped: transformers' Trainer on the peft model, DataCollatorForSeq2Seq, group_by_length
+  off and on.
+- trl-sft-padding-free: TRL's SFTTrainer with padding_free=True (prompt / completion rows, loss on the completion).
+- peft-tuner, peft-tuner-padding-free: launch/train.py with the same settings (configs/twitter_complaints_peft_example.yaml),
+  then with train.padding_free=true; evaluated by rank classification (fp32, and bf16) and by generation.
+
+Training figures: real (non-padding) tokens per second of the training loop (model loading left out), seconds per
+epoch, peak resident memory of the process (the largest rank's), final loss. Raw results go to
+bench/results/speed_vs_peers.jsonl; the table, the ratios (ours / peer, within one run) and a plot of loss against
+wall-clock time go to docs/benchmarks.md between its markers and docs/speed_vs_peers.png.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+DATA = ROOT.parent / "shared" / "data" / "raft" / "twitter_complaints"
+RESULTS = ROOT / "bench" / "results" / "speed_vs_peers.jsonl"
+DOC = ROOT / "docs" / "benchmarks.md"
+PLOT = ROOT / "docs" / "speed_vs_peers.png"
+MARKERS = ("<!-- speed_vs_peers: begin (written by bench/speed_vs_peers.py) -->", "<!-- speed_vs_peers: end -->")
+
+SETTINGS = {"r": 8, "alpha": 32, "dropout": 0.1, "targets": ["q_proj", "v_proj"], "lr": 3e-3, "batch": 8, "max_length": 64,
+            "seed": 42, "new_tokens": 10}
+PROMPT = "Tweet text : {} Label : "
+PEERS = ("peft-example", "hf-trainer", "hf-trainer-grouped", "trl-sft-padding-free")
+OURS = ("peft-tuner", "peft-tuner-padding-free")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data and model, alike for every loop
+
+
+def rows(split: str, limit: int | None = None) -> list[tuple[str, str]]:
+    import csv
+
+    with open(DATA / f"{split}.csv", newline="", encoding="utf-8") as f:
+        table = [(r["Tweet text"], r["Label"]) for r in csv.DictReader(f)]
+    return table[:limit] if limit else table
+
+
+def model_path(name: str) -> Path:
+    if name == "tiny":
+        from peft_tuner.tiny import build_tiny_model
+
+        folder = Path(tempfile.gettempdir()) / "peft_tuner_bench_tiny_llama"
+        return folder if (folder / "config.json").is_file() else build_tiny_model(folder, "llama")
+    from peft_tuner.prepare import prepare_model
+
+    return prepare_model("smollm2")
+
+
+def lora_config():
+    import peft
+
+    return peft.LoraConfig(task_type=peft.TaskType.CAUSAL_LM, r=SETTINGS["r"], lora_alpha=SETTINGS["alpha"],
+                           lora_dropout=SETTINGS["dropout"], target_modules=SETTINGS["targets"])
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def generate_accuracy(model, tokenizer, dev: list[tuple[str, str]], batch: int = 8) -> dict:
+    """The PEFT example's evaluation: prompts left-padded to max_length, greedy generation of 10 tokens, the decoded
+    continuation stripped and compared with the class name."""
+    import torch
+
+    model.eval()
+    tokenizer.padding_side = "left"
+    correct, started = 0, time.time()
+    for start in range(0, len(dev), batch):
+        chunk = dev[start:start + batch]
+        enc = tokenizer([PROMPT.format(t) for t, _ in chunk], padding="max_length", truncation=True,
+                        max_length=SETTINGS["max_length"], return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=SETTINGS["new_tokens"], do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        correct += sum(text.strip() == label for text, (_, label) in zip(texts, chunk))
+    seconds = time.time() - started
+    return {"examples_per_second": round(len(dev) / seconds, 2), "accuracy": round(correct / len(dev), 4), "rows": len(dev)}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The peers, each run in a process of its own: `python bench/speed_vs_peers.py _run LOOP MODEL EPOCHS OUT.json`
+
+
+def run_peft_example(model_dir: Path, epochs: int, evaluate: bool) -> dict:
+    import torch
+    from accelerate import Accelerator
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, get_linear_schedule_with_warmup
+
+    accelerator = Accelerator()
+    torch.manual_seed(SETTINGS["seed"])
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token_id = tokenizer.eos_token_id
+    n = SETTINGS["max_length"]
+    examples = []
+    for text, label in rows("train"):  # the example's preprocess_function, row by row
+        prompt = tokenizer(PROMPT.format(text)).input_ids
+        target = tokenizer(label).input_ids + [tokenizer.pad_token_id]
+        ids, labels = prompt + target, [-100] * len(prompt) + target
+        pad = n - len(ids)
+        examples.append({"input_ids": torch.tensor(([tokenizer.pad_token_id] * pad + ids)[:n]),
+                         "attention_mask": torch.tensor(([0] * pad + [1] * len(ids))[:n]),
+                         "labels": torch.tensor(([-100] * pad + labels)[:n])})
+    loader = torch.utils.data.DataLoader(examples, shuffle=True, batch_size=SETTINGS["batch"] // accelerator.num_processes)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), lora_config())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=SETTINGS["lr"])
+    scheduler = get_linear_schedule_with_warmup(optimizer, 0, len(loader) * epochs)
+    model, loader, optimizer, scheduler = accelerator.prepare(model, loader, optimizer, scheduler)
+    curve, tokens, loop_seconds, loss = [], 0, 0.0, float("nan")
+    for _ in range(epochs):
+        model.train()
+        for batch in loader:
+            began = time.time()
+            loss = model(**batch).loss
+            accelerator.backward(loss)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+            loss = float(loss.detach())
+            loop_seconds += time.time() - began
+            tokens += int(batch["attention_mask"].sum())
+            curve.append((round(loop_seconds, 3), loss))
+    result = {"loop_seconds": loop_seconds, "real_tokens": tokens, "final_loss": loss, "curve": curve,
+              "peak_memory_gb": peak_rss_gb(), "rank": accelerator.process_index, "processes": accelerator.num_processes}
+    if evaluate and accelerator.is_main_process:
+        result["eval"] = {"generate": generate_accuracy(accelerator.unwrap_model(model), tokenizer, rows("dev"))}
+    return result
+
+
+class StepClock:
+    """A TrainerCallback's worth: the wall time of each optimizer step and the loss the Trainer logs for it."""
+
+    def __init__(self):
+        from transformers import TrainerCallback
+
+        clock = self
+
+        class Callback(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kwargs):
+                clock.began = time.time()
+
+            def on_step_end(self, args, state, control, **kwargs):
+                clock.seconds += time.time() - clock.began
+
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                if logs and "loss" in logs:
+                    clock.curve.append((round(clock.seconds, 3), float(logs["loss"])))
+
+        self.began, self.seconds, self.curve, self.callback = 0.0, 0.0, [], Callback()
+
+
+def training_arguments(cls, out: str, epochs: int, **extra):
+    return cls(output_dir=out, per_device_train_batch_size=SETTINGS["batch"], learning_rate=SETTINGS["lr"],
+               lr_scheduler_type="linear", num_train_epochs=epochs, seed=SETTINGS["seed"], logging_steps=1,
+               save_strategy="no", report_to=[], use_cpu=True, dataloader_num_workers=0, disable_tqdm=True, **extra)
+
+
+def run_hf_trainer(model_dir: Path, epochs: int, grouped: bool) -> dict:
+    from datasets import Dataset
+    from peft import get_peft_model
+    from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments)
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token_id = tokenizer.eos_token_id
+    features = []
+    for text, label in rows("train"):
+        prompt = tokenizer(PROMPT.format(text)).input_ids
+        target = tokenizer(label).input_ids + [tokenizer.eos_token_id]
+        ids = (prompt + target)[-SETTINGS["max_length"]:]
+        labels = ([-100] * len(prompt) + target)[-SETTINGS["max_length"]:]
+        features.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), lora_config())
+    clock = StepClock()
+    with tempfile.TemporaryDirectory() as out:
+        trainer = Trainer(model=model, args=training_arguments(TrainingArguments, out, epochs, group_by_length=grouped),
+                          train_dataset=Dataset.from_list(features), callbacks=[clock.callback],
+                          data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
+        trainer.train()
+    return {"loop_seconds": clock.seconds, "real_tokens": sum(len(f["input_ids"]) for f in features) * epochs,
+            "final_loss": clock.curve[-1][1], "curve": clock.curve, "peak_memory_gb": peak_rss_gb()}
+
+
+def run_trl_sft(model_dir: Path, epochs: int) -> dict:
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    data = Dataset.from_list([{"prompt": PROMPT.format(t), "completion": label} for t, label in rows("train")])
+    clock = StepClock()
+    with tempfile.TemporaryDirectory() as out:
+        args = training_arguments(SFTConfig, out, epochs, padding_free=True, max_length=SETTINGS["max_length"],
+                                  completion_only_loss=True, bf16=False)
+        trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir), args=args, train_dataset=data,
+                             processing_class=tokenizer, peft_config=lora_config(), callbacks=[clock.callback])
+        tokens = sum(len(ids) for ids in trainer.train_dataset["input_ids"]) * epochs
+        trainer.train()
+    return {"loop_seconds": clock.seconds, "real_tokens": tokens, "final_loss": clock.curve[-1][1], "curve": clock.curve,
+            "peak_memory_gb": peak_rss_gb()}
+
+
+def run_one(loop: str, model: str, epochs: int, out: Path, evaluate: bool) -> None:
+    model_dir = model_path(model)
+    if loop == "peft-example":
+        result = run_peft_example(model_dir, epochs, evaluate)
+    elif loop.startswith("hf-trainer"):
+        result = run_hf_trainer(model_dir, epochs, grouped=loop.endswith("grouped"))
+    elif loop == "trl-sft-padding-free":
+        result = run_trl_sft(model_dir, epochs)
+    else:
+        raise SystemExit(f"unknown loop {loop}")
+    rank = result.get("rank", 0)
+    Path(f"{out}.rank{rank}").write_text(json.dumps(result))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Ours: the launch script a user runs, then the evaluate command
+
+
+def run_ours(loop: str, model: str, epochs: int, processes: int, stage: int, work: Path, evaluate: bool) -> dict:
+    python = sys.executable
+    run_dir = work / "run"
+    overrides = [f"model.name_or_path={model_path(model)}", f"data.train_file={DATA}", f"data.eval_file={DATA / 'dev.csv'}",
+                 f"train.epochs={epochs}", f"train.batch_size={SETTINGS['batch'] // processes}", f"output_dir={run_dir}",
+                 "train.verify_adapter=false", "data.cache=false", "--overwrite"]
+    if loop.endswith("padding-free"):
+        overrides.append("train.padding_free=true")
+    script = [str(ROOT / "launch" / "train.py"), str(ROOT / "configs" / "twitter_complaints_peft_example.yaml"), *overrides]
+    if processes == 1:
+        cmd = [python, *script]
+    else:
+        cmd = [str(Path(python).parent / "torchrun"), "--standalone", "--nproc-per-node", str(processes), *script,
+               "--deepspeed", str(ROOT / "ds_configs" / f"zero{stage}.json")]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, env=_env(processes))
+    log = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines() if line.strip()]
+    steps = [r for r in log if r["event"] == "step"]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    clock, curve = 0.0, []
+    for r in steps:
+        clock += r["step_seconds"]
+        curve.append((round(clock, 3), r["loss"]))
+    result = {"loop_seconds": clock, "real_tokens": round(sum(r["tokens_per_second"] * r["step_seconds"] for r in steps)),
+              "final_loss": steps[-1]["loss"], "curve": curve, "peak_memory_gb": summary["peak_memory_gb"]}
+    if evaluate:
+        result["eval"] = {}
+        for name, extra in (("rank", ["--method", "rank", "eval.dtype=fp32"]), ("rank-bf16", ["--method", "rank", "eval.dtype=bf16"]),
+                            ("generate", ["--method", "generate", "eval.dtype=fp32", f"eval.max_new_tokens={SETTINGS['new_tokens']}",
+                                          "eval.batch_size=8"])):
+            subprocess.run([python, "-m", "peft_tuner.cli", "evaluate", "--adapter", str(run_dir / "adapter"), *extra,
+                            "--out", str(work / f"eval-{name}")], check=True, capture_output=True, text=True, env=_env(1))
+            metrics = json.loads((work / f"eval-{name}" / "metrics_eval.json").read_text())
+            result["eval"][name] = {k: metrics[k] for k in ("examples_per_second", "accuracy", "rows")}
+    return result
+
+
+def _env(processes: int) -> dict:
+    cores = os.cpu_count() or 1
+    return {**os.environ, "OMP_NUM_THREADS": str(max(1, cores // processes)), "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")
+            if not _has_gpu() else os.environ.get("DS_ACCELERATOR", "cuda"), "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def run_peer(loop: str, model: str, epochs: int, processes: int, stage: int, work: Path, evaluate: bool) -> dict:
+    out = work / "result.json"
+    entry = [str(Path(__file__).resolve()), "_run", loop, model, str(epochs), str(out), "eval" if evaluate else "-"]
+    if processes == 1:
+        cmd = [sys.executable, *entry]
+    else:
+        cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
+               str(ROOT / "ds_configs" / f"accelerate_zero{stage}.yaml"), "--num_processes", str(processes), *entry]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, env=_env(processes))
+    parts = [json.loads(Path(f"{out}.rank{r}").read_text()) for r in range(processes)]
+    result = parts[0]
+    result["real_tokens"] = sum(p["real_tokens"] for p in parts)
+    result["loop_seconds"] = max(p["loop_seconds"] for p in parts)
+    result["peak_memory_gb"] = max(p["peak_memory_gb"] for p in parts)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The whole comparison
+
+
+def cases(models: list[str]) -> list[dict]:
+    """(model, processes, ZeRO stage, loops): every loop on 1 process; the example's loop and ours on 2 under ZeRO-2/3."""
+    out = []
+    for model in models:
+        out.append({"model": model, "processes": 1, "stage": 0, "loops": list(PEERS) + list(OURS)})
+        for stage in (2, 3):
+            out.append({"model": model, "processes": 2, "stage": stage, "loops": ["peft-example", *OURS]})
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=["tiny", "smollm2"], choices=["tiny", "smollm2"])
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--loops", nargs="+", help="only these loops")
+    p.add_argument("--no-write", action="store_true", help="do not rewrite docs/benchmarks.md")
+    args = p.parse_args(argv)
+    if not DATA.is_dir():
+        raise SystemExit(f"{DATA}: the RAFT twitter_complaints folder is not there")
+    import peft
+    import torch
+    import transformers
+
+    run_id = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    machine = {"cpu": _cpu_name(), "cores": os.cpu_count(), "gpu": torch.cuda.get_device_name(0) if _has_gpu() else None,
+               "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
+    command = "python bench/speed_vs_peers.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    for case in cases(args.models):
+        for loop in case["loops"]:
+            if args.loops and loop not in args.loops:
+                continue
+            for repeat in range(args.repeats):
+                evaluate = repeat == 0 and case["processes"] == 1 and loop in ("peft-example", "peft-tuner-padding-free")
+                with tempfile.TemporaryDirectory() as work:
+                    runner = run_ours if loop in OURS else run_peer
+                    try:
+                        result = runner(loop, case["model"], args.epochs, case["processes"], case["stage"], Path(work), evaluate)
+                    except subprocess.CalledProcessError as e:
+                        result = {"error": (e.stderr or "")[-1500:]}
+                record = {"run": run_id, "command": command, "machine": machine, "model": case["model"],
+                          "processes": case["processes"], "zero_stage": case["stage"], "loop": loop, "repeat": repeat,
+                          "epochs": args.epochs, **result}
+                with open(RESULTS, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                said = "error" if "error" in result else f"{result['real_tokens'] / result['loop_seconds']:.0f} tok/s"
+                print(f"{case['model']} x{case['processes']} z{case['stage']} {loop} #{repeat}: {said}", flush=True)
+    if not args.no_write:
+        write_report(run_id)
+    return 0
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# docs/benchmarks.md, between its markers, and the plot
+
+
+def write_report(run_id: str) -> None:
+    records = [json.loads(l) for l in RESULTS.read_text().splitlines() if l.strip()]
+    records = [r for r in records if r["run"] == run_id]
+    lines = [MARKERS[0], "", f"Run {run_id}: `{records[0]['command']}` on {records[0]['machine']['cpu']} "
+             f"({records[0]['machine']['cores']} cores{', ' + records[0]['machine']['gpu'] if records[0]['machine']['gpu'] else ''}), "
+             f"torch {records[0]['machine']['torch']}, transformers {records[0]['machine']['transformers']}, "
+             f"peft {records[0]['machine']['peft']}; {records[0]['epochs']} epochs over the 50 training rows; medians of "
+             f"{max(r['repeat'] for r in records) + 1} runs. Raw results: `bench/results/speed_vs_peers.jsonl`.", ""]
+    groups: dict = {}
+    for r in records:
+        groups.setdefault((r["model"], r["processes"], r["zero_stage"]), {}).setdefault(r["loop"], []).append(r)
+    for (model, processes, stage), loops in groups.items():
+        title = f"{'tiny Llama' if model == 'tiny' else 'SmolLM2-135M-Instruct'}, {processes} process" + \
+                ("es, ZeRO-" + str(stage) if processes > 1 else ", DeepSpeed ZeRO-0 for ours")
+        lines += [f"### {title}", "", "| loop | real tokens/s | s/epoch | peak memory (GB) | final loss | ours-padding-free / this |",
+                  "|---|---|---|---|---|---|"]
+        speed = {}
+        for loop, runs in loops.items():
+            ok = [r for r in runs if "error" not in r]
+            if not ok:
+                lines.append(f"| {loop} | failed: {runs[0]['error'].strip().splitlines()[-1][:120] if runs[0]['error'].strip() else 'see the raw results'} | | | | |")
+                continue
+            speed[loop] = statistics.median(r["real_tokens"] / r["loop_seconds"] for r in ok)
+        best = speed.get("peft-tuner-padding-free")
+        for loop, runs in loops.items():
+            ok = [r for r in runs if "error" not in r]
+            if not ok:
+                continue
+            ratio = f"{best / speed[loop]:.2f}x" if best else "-"
+            lines.append(f"| {loop} | {speed[loop]:.0f} | {statistics.median(r['loop_seconds'] for r in ok) / ok[0]['epochs']:.2f} | "
+                         f"{statistics.median(r['peak_memory_gb'] for r in ok):.2f} | {statistics.median(r['final_loss'] for r in ok):.4f} | {ratio} |")
+        evals = [(loop, name, e) for loop, runs in loops.items() for r in runs if "eval" in r for name, e in r["eval"].items()]
+        if evals:
+            lines += ["", "| evaluation on the 300 dev rows | examples/s | accuracy |", "|---|---|---|"]
+            lines += [f"| {loop}, {name} | {e['examples_per_second']} | {e['accuracy']:.4f} |" for loop, name, e in evals]
+        lines.append("")
+    if _plot(records):
+        lines += [f"![loss against wall-clock time]({PLOT.name})", ""]
+    lines.append(MARKERS[1])
+    text = DOC.read_text() if DOC.is_file() else "# Benchmarks\n"
+    if MARKERS[0] in text and MARKERS[1] in text:
+        before, rest = text.split(MARKERS[0], 1)
+        after = rest.split(MARKERS[1], 1)[1]
+        text = before + "\n".join(lines) + after
+    else:
+        text = text.rstrip("\n") + "\n\n## Speed against the peers\n\n" + "\n".join(lines) + "\n"
+    DOC.write_text(text)
+    print(f"wrote {DOC}")
+
+
+def _plot(records: list[dict]) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    chosen = [r for r in records if r["processes"] == 1 and r["repeat"] == 0 and "curve" in r]
+    if not chosen:
+        return False
+    models = sorted({r["model"] for r in chosen})
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        for r in (r for r in chosen if r["model"] == model):
+            xs, ys = zip(*r["curve"])
+            ax.plot(xs, ys, label=r["loop"], linewidth=1.2)
+        ax.set_title(f"{model}, 1 process"), ax.set_xlabel("training loop seconds"), ax.set_ylabel("loss"), ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(PLOT, dpi=110)
+    return True
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "_run":
+        loop, model, epochs, out, evaluate = sys.argv[2:7]
+        run_one(loop, model, int(epochs), Path(out), evaluate == "eval")
+    else:
+        sys.exit(main())
