@@ -294,9 +294,9 @@ def run_ours(loop: str, model: str, epochs: int, processes: int, stage: int, wor
 
 
 def _env(processes: int) -> dict:
+    """The cores shared out between the processes (peft_tuner picks DeepSpeed's CPU accelerator itself)."""
     cores = os.cpu_count() or 1
-    return {**os.environ, "OMP_NUM_THREADS": str(max(1, cores // processes)), "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")
-            if not _has_gpu() else os.environ.get("DS_ACCELERATOR", "cuda"), "TOKENIZERS_PARALLELISM": "false"}
+    return {**os.environ, "OMP_NUM_THREADS": str(max(1, cores // processes)), "TOKENIZERS_PARALLELISM": "false"}
 
 
 def _has_gpu() -> bool:

@@ -126,8 +126,7 @@ def load_base_model(cfg: ModelConfig, dtype: Optional[str] = None):
     model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file, dtype=DTYPES[dtype or cfg.dtype],
                                                  trust_remote_code=cfg.trust_remote_code)
     if gguf_file is not None:
-        # Dequantized GGUF weights are plain tensors; transformers still marks the model "quantized" and refuses
-        # training (and saving it marks the saved config quantized too).
+        # Dequantized GGUF weights are plain tensors; transformers still marks the model "quantized" and refuses training.
         model.hf_quantizer = None
         model.is_quantized = False
         if hasattr(model.config, "quantization_config"):

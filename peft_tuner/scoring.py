@@ -29,7 +29,8 @@ def rank_scores(model, encoder: Encoder, rows: list[dict], batch_size: int, shar
                 progress=None) -> torch.Tensor:
     """[rows, classes] summed log-probabilities of each class's tokens (label + EOS) after the prompt.
 
-    With `share_cache` (the default, except for prompt-learning models) the prompt is encoded once; then, where the model takes position ids and a custom attention mask,
+    With `share_cache` (the default, except for prompt-learning models) the prompt is encoded once; then, where the
+    model takes position ids and a custom attention mask,
     all candidates are scored in one forward as a token tree (class names sharing a prefix share its tokens), else each
     candidate runs on its own copy of the prompt's cache."""
     share_cache = not is_prompt_learning(model) if share_cache is None else share_cache
