@@ -4,6 +4,7 @@ Layout of `output_dir`:
     run_config.yaml           the resolved config of the run (refused on --resume if it changed what the result is)
     train_log.jsonl           every logged value
     adapter/                  the final adapter (or whole model for method=full), with tokenizer, config and task
+    best_adapter/             the same, at the best evaluation during training (kept across --resume)
     checkpoints/latest        name of the newest complete checkpoint, moved last
     checkpoints/step-00000010 DeepSpeed checkpoint without frozen weights + each rank's RNG state + meta.json
 """
@@ -25,6 +26,7 @@ from peft_tuner.errors import PeftTunerError
 
 CONFIG_FILE = "run_config.yaml"
 ADAPTER_DIR = "adapter"
+BEST_ADAPTER_DIR = "best_adapter"  # the adapter at the best evaluation so far (train.eval_steps / eval_each_epoch)
 CHECKPOINT_DIR = "checkpoints"
 TASK_FILE = "peft_tuner_task.json"
 ADAPTER_CONFIG_FILE = "peft_tuner_config.yaml"
@@ -220,7 +222,7 @@ def check_output_dir(cfg: Config, resume: bool, overwrite: bool) -> None:
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output_dir: {out} is a file; choose a folder")
-    holds_run = out.is_dir() and any((out / name).exists() for name in (CONFIG_FILE, ADAPTER_DIR, CHECKPOINT_DIR))
+    holds_run = out.is_dir() and any((out / name).exists() for name in (CONFIG_FILE, ADAPTER_DIR, BEST_ADAPTER_DIR, CHECKPOINT_DIR))
     if resume and not (out / CHECKPOINT_DIR).is_dir():
         raise ConfigError(f"--resume: {out} has no checkpoints/ to resume from; drop --resume to start afresh")
     if holds_run and not (resume or overwrite):
@@ -231,9 +233,9 @@ def check_output_dir(cfg: Config, resume: bool, overwrite: bool) -> None:
 def prepare_output_dir(cfg: Config, overwrite: bool) -> None:
     out = Path(cfg.output_dir)
     if overwrite:
-        for name in (CHECKPOINT_DIR, ADAPTER_DIR):
+        for name in (CHECKPOINT_DIR, ADAPTER_DIR, BEST_ADAPTER_DIR, "tensorboard", "mlruns", "wandb"):
             shutil.rmtree(out / name, ignore_errors=True)
-        for name in ("train_log.jsonl", "summary.json"):
+        for name in ("train_log.jsonl", "summary.json", "mlflow_run_id"):
             (out / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / CONFIG_FILE)

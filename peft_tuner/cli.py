@@ -117,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_flags(p)
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompt-file", help="a file with one prompt per line")
+    p.add_argument("--chat", action="append", default=[], help="a question, sent as a user turn through the chat "
+                   "template (data.chat_template, else the tokenizer's own); the answer stops at the end of the turn "
+                   "(repeatable)")
+    p.add_argument("--system", help="with --chat: a system message before each question")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=_generate)
 
@@ -285,13 +289,20 @@ def _distill(args) -> int:
 
 def _generate(args) -> int:
     from peft_tuner.modeling import load_for_inference
-    from peft_tuner.generate import generate, read_prompts
+    from peft_tuner.generate import chat_prompts, generate, read_prompts
+
+    from peft_tuner.config import ConfigError
 
     cfg = resolve_config(args)
-    prompts = read_prompts(args.prompt, args.prompt_file)
+    if args.system and not args.chat:
+        raise ConfigError("--system: goes with --chat QUESTION (a system message before each question)")
+    if args.chat and (args.prompt or args.prompt_file):
+        raise ConfigError("--chat: give questions with --chat, or plain prompts with --prompt / --prompt-file, not both")
+    prompts = args.chat or read_prompts(args.prompt, args.prompt_file)
     model, tokenizer, _ = load_for_inference(cfg, args.model, args.adapter)
-    for prompt, outputs in zip(prompts, generate(model, tokenizer, prompts, cfg, seed=args.seed)):
-        print(json.dumps({"prompt": prompt, "outputs": outputs}, ensure_ascii=False))
+    encoded, stops = chat_prompts(tokenizer, prompts, cfg, args.system) if args.chat else (None, None)
+    for prompt, outputs in zip(prompts, generate(model, tokenizer, prompts, cfg, args.seed, encoded, stops)):
+        print(json.dumps({"chat" if args.chat else "prompt": prompt, "outputs": outputs}, ensure_ascii=False))
     return 0
 
 

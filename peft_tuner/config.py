@@ -43,14 +43,21 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    task: str = _help("classification", "classification (prompt + label text) or text (plain text, packed blocks).")
+    task: str = _help("classification", "classification (prompt + label text), text (plain text, packed blocks), "
+                                        "completion (a prompt and a free-text target) or chat (a list of messages).")
     train_file: str = _help("", "Training data: csv/json/jsonl/parquet file, RAFT folder, or hub spec NAME[:CONFIG][@SPLIT].")
     eval_file: Optional[str] = _help(None, "Labelled evaluation data, same forms as train_file (a RAFT folder gives dev.csv).")
     test_file: Optional[str] = _help(None, "Unlabelled test data (a RAFT folder gives test_unlabeled.csv).")
     text_column: Optional[str] = _help(None, "Column holding the input text; default: the RAFT task.json's first data column.")
     label_column: Optional[str] = _help(None, "Column holding the label; default: the RAFT task.json's label column.")
     id_column: str = _help("ID", "Column holding the example id, used in RAFT submission files.")
-    prompt_template: Optional[str] = _help(None, "Prompt with {column} placeholders; default '<text column> : {<text column>} Label : '.")
+    prompt_template: Optional[str] = _help(None, "Prompt with {column} placeholders; default '<text column> : {<text column>} Label : ' (classification), '{prompt}' (completion).")
+    completion_column: str = _help("completion", "task=completion: the column holding the target text (TRL's prompt / completion columns by default).")
+    messages_column: str = _help("messages", "task=chat: the column holding the conversation, a list of {role, content} (JSON text in a CSV cell too).")
+    chat_template: Optional[str] = _help(None, "Chat template for task=chat and data.chat_format: null (the tokenizer's own), a built-in (chatml, llama3, zephyr), a .jinja file, or the Jinja text.")
+    chat_format: bool = _help(False, "classification and completion: render each row as a chat (the prompt as the user turn, the label or completion as the assistant's answer) with the chat template.")
+    system_prompt: Optional[str] = _help(None, "With data.chat_format: a system message put before the user turn.")
+    loss_on: str = _help("assistant", "task=chat: which tokens are trained on: assistant (every assistant turn and its end-of-turn token), last_assistant (the last one only) or all (every token).")
     class_names: Optional[list[str]] = _help(None, "Class names in order; default: task.json, dataset features, or the sorted labels.")
     label_words: Optional[dict[str, str]] = _help(None, "Text the model writes for each class, if not the class name.")
     max_length: int = _help(256, "Longest sequence in tokens; longer prompts lose their start, never the label.")
@@ -61,6 +68,8 @@ class DataConfig:
     cache: bool = _help(True, "Keep tokenized examples in ~/.cache/peft_tuner/tokenized (PEFT_TUNER_CACHE), keyed by tokenizer, rows and these settings: a second run reads them instead of tokenizing.")
 
 
+TASKS = ("classification", "text", "completion", "chat")
+TRACKERS = ("tensorboard", "mlflow", "wandb")
 PEFT_METHODS = ("lora", "ia3", "prompt_tuning", "prefix_tuning", "p_tuning", "adalora", "full")
 PROMPT_LEARNING_METHODS = ("prompt_tuning", "prefix_tuning", "p_tuning")
 
@@ -98,7 +107,10 @@ class TrainConfig:
     log_steps: int = _help(1, "Log every N optimizer steps.")
     zero3_init: bool = _help(True, "Under ZeRO-3, load the base model already partitioned (deepspeed.zero.Init): no rank holds it whole. "
                                    "Under accelerate launch, its YAML's zero3_init_flag decides.")
-    eval_each_epoch: bool = _help(False, "Rank-classify data.eval_file after every epoch and log its accuracy.")
+    eval_each_epoch: bool = _help(False, "Evaluate data.eval_file after every epoch: accuracy (classification), loss and perplexity (text, completion, chat).")
+    eval_steps: int = _help(0, "Evaluate as eval_each_epoch does every N optimizer steps too (0: off).")
+    early_stopping_patience: int = _help(0, "Stop after N evaluations in a row without a better eval.metric_for_best; the best adapter is kept in output_dir/best_adapter (0: off).")
+    report_to: list[str] = _help([], "Experiment trackers besides train_log.jsonl: tensorboard (event files in output_dir/tensorboard), mlflow (output_dir/mlruns, or MLFLOW_TRACKING_URI), wandb (offline, output_dir/wandb).")
     verify_adapter: bool = _help(True, "After saving, reload the adapter on rank 0 and check it reproduces the trained logits.")
 
 
@@ -106,11 +118,12 @@ class TrainConfig:
 class EvalConfig:
     method: str = _help("rank", "rank (log-likelihood of each class name) or generate (decode and match).")
     batch_size: int = _help(16, "Prompts per forward pass.")
-    max_new_tokens: int = _help(5, "Tokens to decode with method=generate.")
+    max_new_tokens: Optional[int] = _help(None, "Tokens to decode with method=generate (classification, default 5) and for completion / chat references (default 64).")
     num_beams: int = _help(1, "Beams with method=generate.")
     calibrate: bool = _help(False, "Divide class probabilities by their content-free prior (rank method).")
     match_prior: bool = _help(False, "Rank method: offset the class scores so that, over the first eval.prior_rows rows of data.test_file (no labels needed), the mean predicted class shares equal the shares of the training labels: takes out the model's lean towards a class.")
     prior_rows: int = _help(400, "Unlabelled rows of data.test_file that eval.match_prior measures the lean on.")
+    metric_for_best: Optional[str] = _help(None, "What marks the best evaluation during training (best_adapter/, early stopping): accuracy, eval_loss or perplexity; default accuracy for classification, eval_loss otherwise.")
     dtype: Optional[str] = _help(None, "Weights dtype for evaluation and generation (bf16 is ~1.8x faster on AVX-512 CPUs); default model.dtype.")
 
 
@@ -147,6 +160,17 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def metric_for_best(cfg: Config) -> tuple[str, bool]:
+    """The metric that marks the best evaluation during training, and whether higher is better."""
+    name = cfg.eval.metric_for_best or ("accuracy" if cfg.data.task == "classification" else "eval_loss")
+    return name, name == "accuracy"
+
+
+def eval_new_tokens(cfg: Config) -> int:
+    """Tokens an evaluation decodes: a class name is short, a reference answer is not."""
+    return cfg.eval.max_new_tokens or (5 if cfg.data.task == "classification" else 64)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -202,10 +226,23 @@ def ignored_keys(cfg: Config, written: set[str]) -> list[str]:
     for key in ("num_virtual_tokens", "prompt_init_text"):
         if not prompt or (key == "prompt_init_text" and method != "prompt_tuning"):
             unused[f"peft.{key}"] = f"peft.method={method}"
-    if cfg.eval.method == "rank":
+    if cfg.eval.method == "rank" and cfg.data.task == "classification":
         unused.update({"eval.num_beams": "eval.method=rank", "eval.max_new_tokens": "eval.method=rank"})
+    if cfg.data.task != "chat":
+        for key in ("messages_column", "loss_on"):
+            unused[f"data.{key}"] = f"data.task={cfg.data.task}"
+    if cfg.data.task != "completion":
+        unused["data.completion_column"] = f"data.task={cfg.data.task}"
+    if cfg.data.task in ("classification", "completion") and not cfg.data.chat_format:
+        for key in ("chat_template", "system_prompt"):
+            unused[f"data.{key}"] = f"data.task={cfg.data.task} without data.chat_format"
+    if cfg.data.task in ("completion", "chat"):
+        for key in ("label_words", "class_names", "label_column", "empty_text"):
+            unused[f"data.{key}"] = f"data.task={cfg.data.task}"
+        for key in ("calibrate", "match_prior", "prior_rows", "method"):
+            unused[f"eval.{key}"] = f"data.task={cfg.data.task} (evaluated by loss, perplexity and generation)"
     if cfg.data.task == "text":
-        for key in ("prompt_template", "label_words", "class_names", "label_column", "id_column", "empty_text"):
+        for key in ("prompt_template", "label_words", "class_names", "label_column", "id_column", "empty_text", "chat_format"):
             unused[f"data.{key}"] = "data.task=text"
         for key in ("calibrate", "match_prior", "prior_rows", "method"):
             unused[f"eval.{key}"] = "data.task=text (evaluated by loss and perplexity)"
@@ -382,7 +419,10 @@ def validate(cfg: Config) -> list[str]:
             problems.append(message)
 
     check(cfg.model.dtype in ("fp32", "bf16", "fp16"), f"model.dtype: '{cfg.model.dtype}' is not one of fp32, bf16, fp16")
-    check(cfg.data.task in ("classification", "text"), f"data.task: '{cfg.data.task}' is not one of classification, text")
+    check(cfg.data.task in TASKS, f"data.task: '{cfg.data.task}' is not one of {', '.join(TASKS)}")
+    check(cfg.data.loss_on in ("assistant", "last_assistant", "all"),
+          f"data.loss_on: '{cfg.data.loss_on}' is not one of assistant, last_assistant, all")
+    check(not (cfg.data.chat_format and cfg.data.task == "text"), "data.chat_format: plain text has no turns; set data.task=chat for conversations")
     check(cfg.data.empty_text in ("drop", "error"), f"data.empty_text: '{cfg.data.empty_text}' is not one of drop, error")
     check(cfg.data.max_length >= 8, f"data.max_length: {cfg.data.max_length} is too short; use at least 8 tokens")
     check(cfg.data.max_rows is None or cfg.data.max_rows > 0, "data.max_rows: must be positive")
@@ -413,6 +453,17 @@ def validate(cfg: Config) -> list[str]:
     check(cfg.train.checkpoint_steps >= 0, "train.checkpoint_steps: must be >= 0")
     check(cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints: must be >= 1")
     check(cfg.train.log_steps >= 1, "train.log_steps: must be >= 1")
+    check(cfg.train.eval_steps >= 0, "train.eval_steps: must be >= 0 (0: evaluate only with train.eval_each_epoch)")
+    check(cfg.train.early_stopping_patience >= 0, "train.early_stopping_patience: must be >= 0 (0: off)")
+    check(not (cfg.train.early_stopping_patience and not (cfg.train.eval_steps or cfg.train.eval_each_epoch)),
+          "train.early_stopping_patience: needs evaluations to compare; set train.eval_steps=N or train.eval_each_epoch=true")
+    for tracker in cfg.train.report_to:
+        check(tracker in TRACKERS, f"train.report_to: '{tracker}' is not one of {', '.join(TRACKERS)}")
+    if cfg.eval.metric_for_best is not None:
+        allowed = ("accuracy",) if cfg.data.task == "classification" else ("eval_loss", "perplexity")
+        check(cfg.eval.metric_for_best in allowed, f"eval.metric_for_best: '{cfg.eval.metric_for_best}' is not measured "
+              f"during training of data.task={cfg.data.task}; use {' or '.join(allowed)}")
+    check(cfg.eval.max_new_tokens is None or cfg.eval.max_new_tokens > 0, "eval.max_new_tokens: must be positive")
     check(cfg.eval.dtype in (None, "fp32", "bf16", "fp16"), f"eval.dtype: '{cfg.eval.dtype}' is not one of fp32, bf16, fp16")
     check(cfg.eval.method in ("rank", "generate"), f"eval.method: '{cfg.eval.method}' is not one of rank, generate")
     check(cfg.eval.batch_size > 0, "eval.batch_size: must be positive")

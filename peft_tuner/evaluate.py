@@ -1,5 +1,6 @@
 """The evaluate job: load what to evaluate, score the split's rows (over the processes of a launcher, each row once),
-write predictions, metrics and a RAFT submission; for plain text, loss and perplexity. Calibration and prior matching
+write predictions, metrics and a RAFT submission; for plain text, loss and perplexity; for completion and chat rows,
+the loss and perplexity of the targets and generated answers against them. Calibration and prior matching
 adjust rank classification's class scores. The scoring itself is in scoring, the metrics in metrics."""
 from __future__ import annotations
 
@@ -12,11 +13,12 @@ from typing import Optional
 
 import torch
 
-from peft_tuner.config import Config, ConfigError
-from peft_tuner.data import ClassificationTask, DataError, Encoder, build_task, prepare_split, read_table, text_blocks
-from peft_tuner.metrics import classification_metrics, format_report
+from peft_tuner.config import Config, ConfigError, eval_new_tokens
+from peft_tuner.data import (ClassificationTask, DataError, Encoder, SftEncoder, SftTask, build_sft_task, build_task,
+                             prepare_split, read_table, sft_rows, text_blocks)
+from peft_tuner.metrics import answer_scores, classification_metrics, format_report, mean_answer_scores
 from peft_tuner.modeling import ModelError, load_for_inference
-from peft_tuner.scoring import generate_labels, score_rows, text_loss_over_ranks, text_to_class
+from peft_tuner.scoring import generate_labels, generate_texts, score_rows, text_loss_over_ranks, text_to_class
 
 
 
@@ -73,6 +75,8 @@ def evaluate(cfg: Config, out_dir: str | Path, split: str = "eval", model_dir: O
     table = read_table(spec, "train" if held_out else split)  # data problems surface before any model loads
     if cfg.data.task == "text":
         return evaluate_text(cfg, table, out_dir, model_dir, adapter_dir, quiet)
+    if cfg.data.task in ("completion", "chat"):
+        return evaluate_answers(cfg, table, out_dir, split, model_dir, adapter_dir, quiet)
     task = load_task(cfg, adapter_dir or model_dir)
     for other in members[1:]:
         classes = load_task(cfg, other).class_names
@@ -226,5 +230,81 @@ def evaluate_text(cfg: Config, table, out_dir, model_dir, adapter_dir, quiet: bo
     if not quiet:
         print(f"evaluate | {table.source} | {model_kind} | {dtype} | {tokens} tokens on {world} process(es) | "
               f"loss {loss:.4f} | perplexity {math.exp(loss):.2f}")
+    dist.shutdown()
+    return result
+
+
+def load_sft_task(cfg: Config, saved_dir: Optional[str], table, tokenizer) -> SftTask:
+    """The completion / chat task saved beside the adapter, else built from the config and the table at hand."""
+    from peft_tuner.checkpoint import TASK_FILE
+
+    if saved_dir and (Path(saved_dir) / TASK_FILE).is_file():
+        saved = json.loads((Path(saved_dir) / TASK_FILE).read_text())
+        if saved.get("kind") == cfg.data.task:
+            return SftTask(**saved)
+    return build_sft_task(cfg.data, table, tokenizer, cfg.model.name_or_path)
+
+
+def evaluate_answers(cfg: Config, table, out_dir, split: str, model_dir, adapter_dir, quiet: bool) -> dict:
+    """Completion and chat rows: the mean loss and perplexity of the targets (teacher-forced, as in training), then
+    each row's answer generated (greedy, or eval.num_beams; eval.max_new_tokens, 64 unless set) from everything before
+    its target and compared with it: exact match, token F1, ROUGE-L, per row in predictions_<split>.jsonl and as means.
+    Over several processes each takes every world-th row and rank 0 gathers them."""
+    from peft_tuner import distributed as dist
+
+    model, tokenizer, model_kind = load_for_inference(cfg, model_dir, adapter_dir)
+    task = load_sft_task(cfg, adapter_dir or model_dir, table, tokenizer)
+    rows = sft_rows(task, table, cfg.data, split, require_target=False)
+    encoder = SftEncoder(tokenizer, task, cfg.data.max_length)
+    world = 1
+    if dist.detect_launcher() != "python":
+        dist.init_distributed()
+        world = dist.world_size()
+    model.to(dist.device())
+    started = time.time()
+    new_tokens = eval_new_tokens(cfg)
+    prompts = [encoder.generation_prompt(row, new_tokens) for row in rows]
+    examples = [e for row, (_, ref) in zip(rows, prompts) if ref is not None for e in [encoder.training_example(row)[0]] if e]
+    loss = text_loss_over_ranks(model, examples, cfg.eval.batch_size, tokenizer.pad_token_id) if examples else None
+    mine = list(range(dist.rank(), len(rows), world))
+    progress = None
+    if dist.is_main() and not quiet:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=len(mine), dynamic_ncols=True, desc=f"generate answers (rank 0 of {world})")
+    outputs = generate_texts(model, tokenizer, [prompts[i][0] for i in mine], new_tokens, cfg.eval.batch_size,
+                             encoder.stop_ids, num_beams=cfg.eval.num_beams, progress=progress)
+    if progress is not None:
+        progress.close()
+    gathered = dist.all_gather_objects([(i, o[0]) for i, o in zip(mine, outputs)])
+    elapsed = max(dist.all_gather_objects(time.time() - started))
+    if not dist.is_main():
+        dist.shutdown()
+        return {}
+    by_index = dict(pair for part in gathered for pair in part)
+    predictions = [{"index": i, "prompt": encoder.prompt_text(row), "output": by_index[i], "reference": prompts[i][1]}
+                   for i, row in enumerate(rows)]
+    scored = [p for p in predictions if p["reference"] is not None]
+    for p, scores in zip(scored, answer_scores([p["output"] for p in scored], [p["reference"] for p in scored])):
+        p.update(scores)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / f"predictions_{split}.jsonl", "w") as f:
+        for record in predictions:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    result = {"split": split, "source": table.source, "task": task.kind, "model": model_kind, "rows": len(rows),
+              "with_reference": len(scored), "processes": world, "seconds": round(elapsed, 3),
+              "examples_per_second": round(len(rows) / elapsed, 2), "max_new_tokens": new_tokens,
+              "peak_memory_gb": round(dist.peak_memory_gb(), 3),
+              **({"loss": loss, "perplexity": math.exp(loss)} if loss is not None else {}),
+              **mean_answer_scores([{k: p[k] for k in ("exact_match", "token_f1", "rouge_l")} for p in scored])}
+    (out / f"metrics_{split}.json").write_text(json.dumps(result, indent=2, ensure_ascii=False))
+    if not quiet:
+        print(f"evaluate | {table.source} | {task.kind} | {model_kind} | {len(rows)} rows on {world} process(es) | "
+              f"{result['examples_per_second']} examples/s")
+        if scored:
+            print(f"loss {loss:.4f} | perplexity {math.exp(loss):.2f} | exact match {result['exact_match']:.4f} | "
+                  f"token F1 {result['token_f1']:.4f} | ROUGE-L {result['rouge_l']:.4f} | n={len(scored)}")
+        print(f"predictions: {out / f'predictions_{split}.jsonl'}")
     dist.shutdown()
     return result

@@ -1,6 +1,6 @@
 """Text generation with the model's own `generate`: greedy, beam search, sampling (temperature, top-k, top-p);
 batched prompts with left padding, no special token after them; stops at EOS (and a BERT vocabulary's [PAD]); a seed
-makes sampling repeatable."""
+makes sampling repeatable. Chat questions are rendered with the chat template and stop at the end of the turn."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,8 +9,8 @@ from typing import Optional
 import torch
 
 from peft_tuner.config import Config
-from peft_tuner.data import collate, encode_prompt
-from peft_tuner.modeling import decode, stop_token_ids
+from peft_tuner.data import encode_prompt
+from peft_tuner.scoring import generate_texts
 
 
 def read_prompts(prompts: list[str], prompt_file: Optional[str]) -> list[str]:
@@ -27,23 +27,27 @@ def read_prompts(prompts: list[str], prompt_file: Optional[str]) -> list[str]:
     return out
 
 
-@torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], cfg: Config, seed: Optional[int] = None) -> list[list[str]]:
-    """For each prompt, `num_return_sequences` continuations (the prompt itself left out)."""
+def generate(model, tokenizer, prompts: list[str], cfg: Config, seed: Optional[int] = None,
+             encoded: Optional[list[list[int]]] = None, stop_ids: Optional[list[int]] = None) -> list[list[str]]:
+    """For each prompt, `num_return_sequences` continuations (the prompt itself left out). `encoded`: the prompts'
+    tokens when they are not plain text (a chat rendered by its template), `stop_ids` what ends an answer there."""
     g = cfg.generate
     if seed is not None:
         torch.manual_seed(seed)
-    device = next(model.parameters()).device
-    results = []
-    for start in range(0, len(prompts), g.batch_size):
-        chunk = prompts[start:start + g.batch_size]
-        batch = collate([{"input_ids": encode_prompt(tokenizer, p)} for p in chunk], tokenizer.pad_token_id)
-        sampling = dict(do_sample=True, temperature=g.temperature, top_k=g.top_k or None, top_p=g.top_p) if g.do_sample else {}
-        output = model.generate(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                                max_new_tokens=g.max_new_tokens, num_beams=g.num_beams,
-                                num_return_sequences=g.num_return_sequences, pad_token_id=tokenizer.pad_token_id,
-                                eos_token_id=stop_token_ids(tokenizer), **sampling)
-        texts = decode(tokenizer, output[:, batch["input_ids"].shape[1]:])
-        n = g.num_return_sequences
-        results += [texts[i * n:(i + 1) * n] for i in range(len(chunk))]
-    return results
+    encoded = encoded or [encode_prompt(tokenizer, p) for p in prompts]
+    sampling = dict(do_sample=True, temperature=g.temperature, top_k=g.top_k or None, top_p=g.top_p) if g.do_sample else None
+    return generate_texts(model, tokenizer, encoded, g.max_new_tokens, g.batch_size, stop_ids, g.num_beams,
+                          g.num_return_sequences, sampling)
+
+
+def chat_prompts(tokenizer, questions: list[str], cfg: Config, system: Optional[str] = None) -> tuple[list[list[int]], list[int]]:
+    """`--chat` questions as user turns (after `system`), rendered with data.chat_template or the tokenizer's own and
+    the generation prompt; returns (their tokens, the tokens that end an answer: EOS and the end-of-turn token)."""
+    from peft_tuner.data.chat import encode_rendered, end_of_turn_ids, render, resolve_chat_template
+
+    template = resolve_chat_template(cfg.data.chat_template, tokenizer)
+    head = [{"role": "system", "content": system}] if system else []
+    encoded = [encode_rendered(tokenizer, render(tokenizer, template, head + [{"role": "user", "content": q}], True))
+               for q in questions]
+    stops = list(dict.fromkeys([tokenizer.eos_token_id, *end_of_turn_ids(tokenizer, template)[:1]]))
+    return encoded, stops

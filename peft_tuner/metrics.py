@@ -1,7 +1,10 @@
 """Classification metrics: accuracy, macro-F1, per-class precision / recall / F1 and the confusion matrix, and their
-printed report. Outputs that match no class count as invalid."""
+printed report (outputs that match no class count as invalid); generated answers against references: exact match,
+token F1 and ROUGE-L."""
 from __future__ import annotations
 
+import re
+from collections import Counter
 from typing import Optional
 
 INVALID = "<invalid>"
@@ -48,3 +51,46 @@ def format_report(metrics: dict) -> str:
         for name, c in metrics["per_class"].items():
             lines.append(f"  {name}: precision {c['precision']:.3f} recall {c['recall']:.3f} f1 {c['f1']:.3f} (n={c['support']})")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Generated answers against references: exact match, token F1, ROUGE-L
+
+_CJK_CHAR = "\u2e80-\u9fff\uac00-\ud7af\uf900-\ufaff"
+_ANSWER_TOKEN = re.compile(f"[{_CJK_CHAR}]|[^\\W{_CJK_CHAR}]+")
+
+
+def answer_tokens(text: str) -> list[str]:
+    """Lower-cased words, punctuation left out; each CJK character is a token of its own (Chinese has no spaces)."""
+    return _ANSWER_TOKEN.findall(text.lower())
+
+
+class _AnswerTokenizer:
+    """rouge-score's tokenizer interface over answer_tokens (its own drops every non-ASCII character)."""
+
+    def tokenize(self, text: str) -> list[str]:
+        return answer_tokens(text)
+
+
+def token_f1(output: str, reference: str) -> float:
+    out, ref = answer_tokens(output), answer_tokens(reference)
+    if not out or not ref:
+        return float(out == ref)
+    common = sum((Counter(out) & Counter(ref)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(out), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def answer_scores(outputs: list[str], references: list[str]) -> list[dict]:
+    """Per answer: exact_match (the same tokens), token_f1, rouge_l (rouge-score's ROUGE-L F-measure)."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=_AnswerTokenizer())
+    return [{"exact_match": float(answer_tokens(o) == answer_tokens(r)), "token_f1": token_f1(o, r),
+             "rouge_l": scorer.score(r, o)["rougeL"].fmeasure} for o, r in zip(outputs, references)]
+
+
+def mean_answer_scores(scores: list[dict]) -> dict:
+    return {key: sum(s[key] for s in scores) / len(scores) for key in ("exact_match", "token_f1", "rouge_l")} if scores else {}

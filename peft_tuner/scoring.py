@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from peft_tuner.config import Config
+from peft_tuner.config import Config, eval_new_tokens
 from peft_tuner.data import Encoder, collate
 from peft_tuner.modeling import decode, is_prompt_learning, stop_token_ids
 
@@ -209,21 +209,36 @@ def score_rows(cfg: Config, task, rows: list[dict], model_dir: Optional[str] = N
 
 
 @torch.no_grad()
-def generate_labels(model, encoder: Encoder, rows: list[dict], cfg: Config, progress=None) -> list[str]:
-    tokenizer = encoder.tokenizer
-    reserve = cfg.eval.max_new_tokens
+def generate_texts(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int,
+                   stop_ids: Optional[list[int]] = None, num_beams: int = 1, num_return_sequences: int = 1,
+                   sampling: Optional[dict] = None, progress=None) -> list[list[str]]:
+    """For each prompt (token ids), `num_return_sequences` decoded continuations: batches of similar lengths,
+    left-padded, each sequence ending at a stop token (EOS, an end-of-turn token) or after max_new_tokens."""
     device = next(model.parameters()).device
-    outputs = []
-    for start in range(0, len(rows), cfg.eval.batch_size):
-        prompts = [encoder.prompt_ids(row, reserve=reserve)[0] for row in rows[start:start + cfg.eval.batch_size]]
-        batch = collate([{"input_ids": p} for p in prompts], tokenizer.pad_token_id)
-        generated = model.generate(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                                   max_new_tokens=cfg.eval.max_new_tokens, num_beams=cfg.eval.num_beams, do_sample=False,
-                                   pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_token_ids(tokenizer))
-        outputs += decode(tokenizer, generated[:, batch["input_ids"].shape[1]:])
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    results: list[list[str]] = [[] for _ in prompts]
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        batch = collate([{"input_ids": prompts[i]} for i in chunk], tokenizer.pad_token_id)
+        output = model.generate(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                                max_new_tokens=max_new_tokens, num_beams=num_beams,
+                                num_return_sequences=num_return_sequences, pad_token_id=tokenizer.pad_token_id,
+                                eos_token_id=stop_ids or stop_token_ids(tokenizer), **(sampling or {"do_sample": False}))
+        texts = decode(tokenizer, output[:, batch["input_ids"].shape[1]:])
+        for k, i in enumerate(chunk):
+            results[i] = texts[k * num_return_sequences:(k + 1) * num_return_sequences]
         if progress is not None:
-            progress.update(len(prompts))
-    return outputs
+            progress.update(len(chunk))
+    return results
+
+
+def generate_labels(model, encoder: Encoder, rows: list[dict], cfg: Config, progress=None) -> list[str]:
+    """Classification by generation, as the reference does it: decode a few tokens after each prompt."""
+    reserve = eval_new_tokens(cfg)
+    prompts = [encoder.prompt_ids(row, reserve=reserve)[0] for row in rows]
+    texts = generate_texts(model, encoder.tokenizer, prompts, reserve, cfg.eval.batch_size, num_beams=cfg.eval.num_beams,
+                           progress=progress)
+    return [t[0] for t in texts]
 
 
 def text_to_class(text: str, label_words: dict[str, str]) -> Optional[str]:
@@ -250,24 +265,27 @@ def content_free_prior(model, encoder: Encoder) -> torch.Tensor:
 
 @torch.no_grad()
 def text_loss_over_ranks(model, blocks: list[dict], batch_size: int, pad: int) -> float:
-    """Mean next-token loss over `blocks`, each rank taking an equal run of them (the last rank's run filled up with
-    blocks that are run but not counted: under ZeRO-3 every forward is a collective, so all ranks run as many)."""
+    """Mean next-token loss over the label tokens of `blocks` (every token of a text block; the target of a completion
+    or chat example), each rank taking an equal run of them (the last rank's run filled up with blocks that are run
+    but not counted: under ZeRO-3 every forward is a collective, so all ranks run as many)."""
     from peft_tuner import distributed as dist
 
     world, rank = dist.world_size(), dist.rank()
     per_rank = math.ceil(len(blocks) / world)
     mine = list(range(rank * per_rank, (rank + 1) * per_rank))
     device = next(model.parameters()).device
+    pass_positions = not is_prompt_learning(model) and takes_tree_mask(model)  # BLOOM takes no positions
     total, tokens = 0.0, 0
     for start in range(0, per_rank, batch_size):
         indices = mine[start:start + batch_size]
         counted = torch.tensor([i < len(blocks) for i in indices], device=device)
         batch = collate([blocks[min(i, len(blocks) - 1)] for i in indices], pad)
         width = batch["input_ids"].shape[1]
-        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
-        logits = logits[:, -width:]  # prompt-learning models prepend virtual tokens
-        losses = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), batch["labels"][:, 1:].to(device), reduction="none")
+        inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask") + (("position_ids",) if pass_positions else ())}
+        logits = model(**inputs).logits[:, -width:]  # prompt-learning models prepend virtual tokens
+        labels = batch["labels"][:, 1:].to(device)
+        losses = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels, reduction="none", ignore_index=-100)
         total += float(losses.sum(-1)[counted].sum())
-        tokens += int(batch["labels"][:, 1:].numel() // len(indices)) * int(counted.sum())
+        tokens += int((labels != -100).sum(-1)[counted].sum())
     total, tokens = dist.all_reduce([total, tokens])
     return total / tokens

@@ -54,13 +54,23 @@ def tiny_config(arch: str, vocab_size: int, hidden: int = 64, layers: int = 2, h
     raise ValueError(f"unknown tiny architecture '{arch}'; choose one of {', '.join(ARCHITECTURES)}")
 
 
-def build_tiny_model(out_dir: str | Path, arch: str = "llama", seed: int = 0) -> Path:
-    """Write a random tiny model and its tokenizer to `out_dir` (a plain from_pretrained folder)."""
+# The special tokens of the ChatML and Llama 3 chat templates, for a tiny chat model.
+CHAT_TOKENS = ["<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+
+
+def build_tiny_model(out_dir: str | Path, arch: str = "llama", seed: int = 0, chat: bool = False) -> Path:
+    """Write a random tiny model and its tokenizer to `out_dir` (a plain from_pretrained folder). `chat`: the
+    tokenizer also has the chat templates' special tokens and ChatML as its own chat template."""
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
+    from peft_tuner.data.chat import BUILTIN_TEMPLATES
+
     out = Path(out_dir)
     tokenizer = build_tokenizer()
+    if chat:
+        tokenizer.add_special_tokens({"additional_special_tokens": CHAT_TOKENS})
+        tokenizer.chat_template = BUILTIN_TEMPLATES["chatml"]
     torch.manual_seed(seed)
     config = tiny_config(arch, len(tokenizer))
     model = AutoModelForCausalLM.from_config(config)

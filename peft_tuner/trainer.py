@@ -21,14 +21,16 @@ import torch.nn.functional as F
 from peft_tuner import checkpoint as ckpt
 from peft_tuner import distributed as dist
 from peft_tuner import ds_config as ds_config_for
-from peft_tuner.config import Config, ConfigError
-from peft_tuner.data import (IGNORE_INDEX, DataError, Encoder, build_task, collate, collate_padding_free,
-                             encode_training_rows, prepare_split, read_table, real_tokens, text_blocks)
+from peft_tuner.config import Config, ConfigError, metric_for_best
+from peft_tuner.data import (IGNORE_INDEX, DataError, Encoder, SftEncoder, build_sft_task, build_task, collate,
+                             collate_padding_free, encode_sft_rows, encode_training_rows, prepare_split, read_table,
+                             real_tokens, sft_rows, text_blocks)
 from peft_tuner.errors import PeftTunerError
 from peft_tuner.modeling import (DTYPES, add_neftune_noise, build_peft_model, check_peft_applies, count_parameters,
                                  is_prompt_learning, keep_adalora_mask, load_base_model, load_tokenizer,
                                  load_trained_model)
 from peft_tuner.scoring import text_loss_over_ranks
+from peft_tuner.trackers import check_trackers, numeric, open_trackers
 
 
 class TrainingStopped(PeftTunerError):
@@ -38,13 +40,13 @@ class TrainingStopped(PeftTunerError):
 @dataclass
 class TrainData:
     examples: list[dict]
-    task: Optional[dict]  # classification: columns, template, class names (saved with the adapter)
+    task: Optional[dict]  # classification, completion, chat: columns, templates, classes (saved with the adapter)
     rows: int
-    dropped_empty: int = 0
+    dropped_empty: int = 0  # empty texts, or conversations with nothing to train on left within max_length
     truncated: int = 0
     encoder: Optional[Encoder] = None
     eval_rows: list = field(default_factory=list)  # classification: labelled rows, rank-classified after each epoch
-    eval_blocks: list = field(default_factory=list)  # text: blocks whose loss and perplexity are measured after each epoch
+    eval_blocks: list = field(default_factory=list)  # text, completion, chat: examples whose loss and perplexity are measured
     from_cache: bool = False  # the examples were read from the tokenization cache
 
 
@@ -74,18 +76,20 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, problems: 
         check_padding_free(engine.module, data.examples, tokenizer.pad_token_id, cfg.model.dtype)
     torch.manual_seed(cfg.train.seed + dist.rank())  # dropout differs across ranks, reproducibly
 
-    start_step = 0
+    start_step, best = 0, BestSoFar(*metric_for_best(cfg))
     if checkpoint is not None:
-        start_step = int(ckpt.load_checkpoint(engine, checkpoint)["global_step"])
+        state = ckpt.load_checkpoint(engine, checkpoint)
+        start_step, best = int(state["global_step"]), BestSoFar.from_state(state.get("best"), *metric_for_best(cfg))
     if dist.is_main():
         ckpt.prepare_output_dir(cfg, overwrite=overwrite and not resume)
     dist.barrier()
 
-    log = RunLog(Path(cfg.output_dir) / "train_log.jsonl", append=resume)
+    trackers = open_trackers(cfg.train.report_to, Path(cfg.output_dir), cfg.to_dict(), resume) if dist.is_main() else []
+    log = RunLog(Path(cfg.output_dir) / "train_log.jsonl", append=resume, trackers=trackers)
     tokenized = "tokenized: from cache" if data.from_cache else "tokenized"
     log.line(f"peft-tuner train | model {cfg.model.name_or_path} | method {cfg.peft.method} | trainable "
              f"{trainable:,} of {total:,} ({100 * trainable / total:.3f}%) | launcher {launcher}, {world} process(es), "
-             f"ZeRO-{stage} ({ds_source}) | {data.rows} rows ({data.dropped_empty} empty dropped, {data.truncated} cut "
+             f"ZeRO-{stage} ({ds_source}) | {data.rows} rows ({data.dropped_empty} dropped, {data.truncated} cut "
              f"to max_length={cfg.data.max_length}; {tokenized}) | global batch {global_batch} = {cfg.train.batch_size} x "
              f"{cfg.train.gradient_accumulation} accumulation x {world} | {steps_per_epoch} steps/epoch x "
              f"{cfg.train.epochs} epochs = {total_steps} steps" + (f" | resuming after step {start_step}" if start_step else ""))
@@ -97,7 +101,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, problems: 
 
     # 4. The loop.
     started = time.time()
-    result = fit(engine, cfg, data, tokenizer, log, global_batch, steps_per_epoch, start_step, stage)
+    result = fit(engine, cfg, data, tokenizer, log, global_batch, steps_per_epoch, start_step, stage, best)
 
     # 5. The adapter, gathered under ZeRO-3, written atomically.
     adapter_dir = ckpt.save_adapter(engine.module, tokenizer, cfg, data.task, Path(cfg.output_dir) / ckpt.ADAPTER_DIR, stage)
@@ -106,6 +110,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, problems: 
                "peak_memory_gb": round(max(dist.all_reduce([dist.peak_memory_gb()], op="max")), 3),
                "adapter_dir": str(adapter_dir), "world_size": world, "zero_stage": stage, "trainable_params": trainable}
     log.record(summary)
+    log.close()
     log.line(f"done | {result['steps_done']} steps, final loss {result['final_loss']:.4f} | {summary['train_seconds']} s, "
              + (f"adapter reload check: max |logit diff| {adapter_diff:.2e} | " if adapter_diff is not None else "") +
              f"{result['mean_step_seconds']:.3f} s/step | peak memory {summary['peak_memory_gb']:.2f} GB | adapter: {adapter_dir}")
@@ -136,6 +141,7 @@ def preflight(cfg: Config, resume: bool, overwrite: bool, problems: Optional[lis
             return None
 
     check(ckpt.check_output_dir, cfg, resume, overwrite)
+    check(check_trackers, cfg.train.report_to)
     world = dist.expected_world_size()
     ds = check(_deepspeed_config, cfg, world)
     ds_config, ds_source, stage = ds or (None, None, None)
@@ -167,30 +173,55 @@ def setup_data(cfg: Config, tokenizer) -> Optional[TrainData]:
     if not cfg.data.train_file:
         raise DataError("data.train_file: not set; give a file, a RAFT folder or a hub dataset")
     table = read_table(cfg.data.train_file, "train")
+    sft = cfg.data.task in ("completion", "chat")
     if tokenizer is None:
-        if cfg.data.task != "text":
+        if sft:
+            sft_rows(build_sft_task(cfg.data, table), table, cfg.data, "train", require_target=True)
+        elif cfg.data.task != "text":
             prepare_split(build_task(cfg.data, table), table, cfg.data, require_labels=True)
         return None
+    evaluates = cfg.train.eval_each_epoch or cfg.train.eval_steps > 0
+    key = "train.eval_each_epoch" if cfg.train.eval_each_epoch else "train.eval_steps"
     if cfg.data.task == "text":
         eval_blocks = []
-        if cfg.train.eval_each_epoch:
+        if evaluates:
             if not cfg.data.eval_file:
-                raise ConfigError("train.eval_each_epoch: needs data.eval_file (text to measure the loss and perplexity on)")
+                raise ConfigError(f"{key}: needs data.eval_file (text to measure the loss and perplexity on)")
             eval_blocks, _ = text_blocks(tokenizer, read_table(cfg.data.eval_file, "eval"), cfg.data)
         examples, from_cache = text_blocks(tokenizer, table, cfg.data)
         return TrainData(examples=examples, task=None, rows=len(examples), eval_blocks=eval_blocks, from_cache=from_cache)
-    task = build_task(cfg.data, table)
+    if evaluates and not (cfg.data.eval_file or cfg.data.eval_fraction):
+        raise ConfigError(f"{key}: needs data.eval_file or data.eval_fraction (rows with answers to evaluate on)")
+    eval_table = (read_table(cfg.data.eval_file, "eval") if cfg.data.eval_file else table) if evaluates else None
+    if sft:
+        return setup_sft_data(cfg, tokenizer, table, eval_table)
+    task = build_task(cfg.data, table, tokenizer)
+    if task.chat_template:
+        tokenizer.chat_template = task.chat_template  # saved with the adapter, for generate --chat
     split = prepare_split(task, table, cfg.data, require_labels=True)
     encoder = Encoder(tokenizer, task, cfg.data.max_length)
     examples, truncated, from_cache = encode_training_rows(encoder, split.rows, cache=cfg.data.cache)
     eval_rows = []
-    if cfg.train.eval_each_epoch:
-        if not (cfg.data.eval_file or cfg.data.eval_fraction):
-            raise ConfigError("train.eval_each_epoch: needs data.eval_file or data.eval_fraction (labelled rows)")
-        eval_table = read_table(cfg.data.eval_file, "eval") if cfg.data.eval_file else table
+    if eval_table is not None:
         eval_rows = prepare_split(task, eval_table, cfg.data, require_labels=True, role="eval").rows
     return TrainData(examples=examples, task=task.to_dict(), rows=len(examples), dropped_empty=split.dropped_empty,
                      truncated=truncated, encoder=encoder, eval_rows=eval_rows, from_cache=from_cache)
+
+
+def setup_sft_data(cfg: Config, tokenizer, table, eval_table) -> TrainData:
+    """Completion and chat rows: the training examples, and the eval rows' examples whose loss is measured."""
+    task = build_sft_task(cfg.data, table, tokenizer, cfg.model.name_or_path)
+    if task.as_chat:
+        tokenizer.chat_template = task.chat_template  # saved with the adapter, for generate --chat
+    rows = sft_rows(task, table, cfg.data, "train", require_target=True)
+    encoder = SftEncoder(tokenizer, task, cfg.data.max_length)
+    examples, truncated, dropped, from_cache = encode_sft_rows(encoder, rows, cache=cfg.data.cache)
+    eval_blocks = []
+    if eval_table is not None:
+        eval_rows = sft_rows(task, eval_table, cfg.data, "eval", require_target=True)
+        eval_blocks = encode_sft_rows(encoder, eval_rows, cache=cfg.data.cache)[0]
+    return TrainData(examples=examples, task=task.to_dict(), rows=len(rows), dropped_empty=dropped,
+                     truncated=truncated, eval_blocks=eval_blocks, from_cache=from_cache)
 
 
 def setup_engine(model, ds_config: dict, cfg: Config, total_steps: int):
@@ -240,14 +271,14 @@ def verify_adapter(engine, cfg: Config, data: TrainData, tokenizer, adapter_dir:
 
 
 def fit(engine, cfg: Config, data: TrainData, tokenizer, log: "RunLog", global_batch: int, steps_per_epoch: int,
-        start_step: int, stage: int) -> dict:
+        start_step: int, stage: int, best: "BestSoFar") -> dict:
     world, rank = dist.world_size(), dist.rank()
     accumulation, micro = cfg.train.gradient_accumulation, cfg.train.batch_size
     pass_positions = not is_prompt_learning(engine.module)
     total_steps = steps_per_epoch * cfg.train.epochs
     stop = StopRequest()
     progress = _progress_bar(total_steps, start_step)
-    step_times, last_loss, step = [], float("nan"), start_step
+    step_times, last_loss, step, stopped_early = [], float("nan"), start_step, False
     engine.train()
     for epoch in range(start_step // steps_per_epoch, cfg.train.epochs):
         order = epoch_order(len(data.examples), cfg.train.seed, epoch)
@@ -264,7 +295,7 @@ def fit(engine, cfg: Config, data: TrainData, tokenizer, log: "RunLog", global_b
             local_seen = sum(real_tokens(b) for b in batches)
             global_tokens, global_seen, stop_flag = dist.all_reduce([local_tokens, local_seen, float(stop.requested)])
             if stop_flag > 0:
-                path = ckpt.save_checkpoint(engine, cfg, _loop_state(step, epoch, world, stage))
+                path = ckpt.save_checkpoint(engine, cfg, _loop_state(step, epoch, world, stage, best))
                 log.line(f"stopped by signal before step {step + 1}; checkpoint {path}. Continue with the same command plus --resume")
                 raise SystemExit(143)
             loss_sum = 0.0
@@ -301,29 +332,77 @@ def fit(engine, cfg: Config, data: TrainData, tokenizer, log: "RunLog", global_b
                                          tok_s=f"{record['tokens_per_second']:.0f}", mem=f"{record['peak_memory_gb']:.2f}GB")
             if progress is not None:
                 progress.update(1)
-            if cfg.train.checkpoint_steps and done % cfg.train.checkpoint_steps == 0 and done < total_steps:
-                ckpt.save_checkpoint(engine, cfg, _loop_state(done, epoch, world, stage))
+            if (cfg.train.eval_steps and done % cfg.train.eval_steps == 0) or \
+                    (cfg.train.eval_each_epoch and done % steps_per_epoch == 0):
+                metrics, said = evaluate_during_training(engine, cfg, data, tokenizer)
+                log.record({"event": "eval", "epoch": epoch + 1, "step": done, **metrics})
+                if progress is not None:
+                    progress.write(f"step {done} (epoch {epoch + 1}): {said}")
+                if best.update(metrics, done):
+                    ckpt.save_adapter(engine.module, tokenizer, cfg, data.task, Path(cfg.output_dir) / ckpt.BEST_ADAPTER_DIR, stage)
+                    log.record({"event": "best", "step": done, best.metric: best.value})
+                elif cfg.train.early_stopping_patience and best.evals_without_improvement >= cfg.train.early_stopping_patience:
+                    stopped_early = True
+                    log.line(f"early stopping after step {done}: {best.metric} not better than {best.value:.4f} (step "
+                             f"{best.step}) in {best.evals_without_improvement} evaluations; best adapter: "
+                             f"{Path(cfg.output_dir) / ckpt.BEST_ADAPTER_DIR}")
+            if cfg.train.checkpoint_steps and done % cfg.train.checkpoint_steps == 0 and done < total_steps and not stopped_early:
+                ckpt.save_checkpoint(engine, cfg, _loop_state(done, epoch, world, stage, best))
             ckpt.kill_point("after_step", done)
+            if stopped_early:
+                break
         log.record({"event": "epoch", "epoch": epoch + 1, "loss": last_loss})
-        if (data.eval_rows or data.eval_blocks) and (epoch + 1) * steps_per_epoch > start_step:
-            engine.eval()
-            if data.eval_rows:
-                metrics = {"accuracy": accuracy_during_training(engine, cfg, data)}
-                said = f"eval accuracy {metrics['accuracy']:.4f} on {len(data.eval_rows)} rows"
-            else:
-                loss = text_loss_over_ranks(engine.module, data.eval_blocks, cfg.eval.batch_size, tokenizer.pad_token_id)
-                metrics = {"eval_loss": loss, "perplexity": math.exp(loss)}
-                said = f"eval loss {loss:.4f}, perplexity {math.exp(loss):.2f} on {len(data.eval_blocks)} blocks"
-            engine.train()
-            log.record({"event": "eval", "epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch, **metrics})
-            if progress is not None:
-                progress.write(f"epoch {epoch + 1}: {said}")
+        if stopped_early:
+            break
     if progress is not None:
         progress.close()
     stop.restore()
     measured = step_times[1:] or step_times  # the first step pays for warm-up
     return {"steps_done": step + 1 if step_times else start_step, "final_loss": last_loss,
-            "mean_step_seconds": sum(measured) / max(len(measured), 1)}
+            "mean_step_seconds": sum(measured) / max(len(measured), 1), "stopped_early": stopped_early,
+            **({"best_step": best.step, f"best_{best.metric}": best.value} if best.step is not None else {})}
+
+
+def evaluate_during_training(engine, cfg: Config, data: TrainData, tokenizer) -> tuple[dict, str]:
+    """Accuracy by rank classification (classification), else the loss and perplexity of the eval examples' targets;
+    every rank takes part. Returns (metrics, a line that says them)."""
+    engine.eval()
+    if data.eval_rows:
+        metrics = {"accuracy": accuracy_during_training(engine, cfg, data)}
+        said = f"eval accuracy {metrics['accuracy']:.4f} on {len(data.eval_rows)} rows"
+    else:
+        loss = text_loss_over_ranks(engine.module, data.eval_blocks, cfg.eval.batch_size, tokenizer.pad_token_id)
+        metrics = {"eval_loss": loss, "perplexity": math.exp(loss)}
+        said = f"eval loss {loss:.4f}, perplexity {math.exp(loss):.2f} on {len(data.eval_blocks)} examples"
+    engine.train()
+    return metrics, said
+
+
+class BestSoFar:
+    """The best evaluation so far by eval.metric_for_best, and how many evaluations since; kept in checkpoints."""
+
+    def __init__(self, metric: str, higher_is_better: bool, value: Optional[float] = None, step: Optional[int] = None,
+                 evals_without_improvement: int = 0):
+        self.metric, self.higher_is_better = metric, higher_is_better
+        self.value, self.step, self.evals_without_improvement = value, step, evals_without_improvement
+
+    @classmethod
+    def from_state(cls, state: Optional[dict], metric: str, higher_is_better: bool) -> "BestSoFar":
+        return cls(metric, higher_is_better, **{k: v for k, v in (state or {}).items() if k != "metric"})
+
+    def state(self) -> dict:
+        return {"metric": self.metric, "value": self.value, "step": self.step,
+                "evals_without_improvement": self.evals_without_improvement}
+
+    def update(self, metrics: dict, step: int) -> bool:
+        """Whether `metrics` is the best so far (the first evaluation always is)."""
+        value = metrics[self.metric]
+        better = self.value is None or (value > self.value if self.higher_is_better else value < self.value)
+        if better:
+            self.value, self.step, self.evals_without_improvement = value, step, 0
+        else:
+            self.evals_without_improvement += 1
+        return better
 
 
 def accuracy_during_training(engine, cfg: Config, data: TrainData) -> float:
@@ -396,8 +475,8 @@ def global_batch_indices(order: list[int], step_in_epoch: int, global_batch: int
     return [order[(start + i) % len(order)] for i in range(global_batch)]
 
 
-def _loop_state(global_step: int, epoch: int, world: int, stage: int) -> dict:
-    return {"global_step": global_step, "epoch": epoch, "world_size": world, "zero_stage": stage}
+def _loop_state(global_step: int, epoch: int, world: int, stage: int, best: BestSoFar) -> dict:
+    return {"global_step": global_step, "epoch": epoch, "world_size": world, "zero_stage": stage, "best": best.state()}
 
 
 def _progress_bar(total: int, initial: int):
@@ -429,10 +508,10 @@ class StopRequest:
 
 
 class RunLog:
-    """JSON lines in output_dir (rank 0), and one-line summaries on stdout."""
+    """JSON lines in output_dir (rank 0), the trackers of train.report_to, and one-line summaries on stdout."""
 
-    def __init__(self, path: Path, append: bool):
-        self.path = path
+    def __init__(self, path: Path, append: bool, trackers: Optional[list] = None):
+        self.path, self.trackers = path, trackers or []
         if dist.is_main() and not append:
             path.write_text("")
 
@@ -440,6 +519,15 @@ class RunLog:
         if dist.is_main():
             with open(self.path, "a") as f:
                 f.write(json.dumps({"time": round(time.time(), 3), **values}) + "\n")
+            prefix = {"step": "train", "eval": "eval", "end": "final"}.get(values.get("event"))
+            if prefix and values.get("step", values.get("steps_done")) is not None:
+                scalars = {f"{prefix}/{k}": v for k, v in numeric(values).items()}
+                for tracker in self.trackers:
+                    tracker.log(scalars, int(values.get("step", values.get("steps_done"))))
+
+    def close(self) -> None:
+        for tracker in self.trackers:
+            tracker.close()
 
     def line(self, text: str) -> None:
         if dist.is_main():

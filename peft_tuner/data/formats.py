@@ -27,6 +27,8 @@ class ClassificationTask:
     prompt_template: str
     class_names: list[str]
     label_words: dict[str, str]  # class name -> the text the model writes for it
+    chat_template: Optional[str] = None  # data.chat_format: the prompt is a user turn of this template
+    system_prompt: Optional[str] = None
 
     @property
     def template_columns(self) -> list[str]:
@@ -45,8 +47,9 @@ class Split:
     dropped_empty: int = 0
 
 
-def build_task(cfg: DataConfig, table: Table) -> ClassificationTask:
-    """Decide columns, template and class names from the config and the training table; check them all."""
+def build_task(cfg: DataConfig, table: Table, tokenizer=None) -> ClassificationTask:
+    """Decide columns, template and class names from the config and the training table; check them all. With
+    data.chat_format and a tokenizer, the chat template is resolved too."""
     text_column = cfg.text_column or table.default_text_column
     label_column = cfg.label_column or table.default_label_column
     problems = []
@@ -78,7 +81,12 @@ def build_task(cfg: DataConfig, table: Table) -> ClassificationTask:
     unknown_words = set(cfg.label_words or {}) - set(class_names)
     if unknown_words:
         raise DataError(f"data.label_words: {sorted(unknown_words)} are not classes; the classes are {class_names}")
-    return ClassificationTask(text_column, label_column, template, list(class_names), label_words)
+    task = ClassificationTask(text_column, label_column, template, list(class_names), label_words)
+    if cfg.chat_format and tokenizer is not None:
+        from peft_tuner.data.chat import resolve_chat_template
+
+        task.chat_template, task.system_prompt = resolve_chat_template(cfg.chat_template, tokenizer), cfg.system_prompt
+    return task
 
 
 def select_rows(rows: list[dict], cfg: DataConfig, role: str, label_column: str) -> list[int]:
@@ -158,20 +166,27 @@ def encode_prompt(tokenizer, text: str) -> list[int]:
 
 @dataclass
 class Encoder:
-    """Tokenizes prompts and labels the same way for training, rank classification and generation."""
+    """Tokenizes prompts and labels the same way for training, rank classification and generation. With a chat
+    template (data.chat_format) the prompt is wrapped as a user turn and the label ends with the end-of-turn token."""
 
     tokenizer: object
     task: ClassificationTask
     max_length: int
-    prefix: list[int] = field(default_factory=list)  # special tokens the tokenizer puts first (BOS)
+    prefix: list[int] = field(default_factory=list)  # special tokens the tokenizer puts first (BOS), or a chat's head
+    tail: list[int] = field(default_factory=list)  # a chat's end of the user turn and start of the assistant's
 
     def __post_init__(self):
-        self.prefix = leading_special_tokens(self.tokenizer)
-        self.label_ids = {name: self._plain(word) + [self.tokenizer.eos_token_id] for name, word in self.task.label_words.items()}
+        self.prefix, end = leading_special_tokens(self.tokenizer), [self.tokenizer.eos_token_id]
+        if self.task.chat_template:
+            from peft_tuner.data.chat import end_of_turn_ids, user_turn_wrapping
+
+            self.prefix, self.tail = user_turn_wrapping(self.tokenizer, self.task.chat_template, self.task.system_prompt)
+            end = end_of_turn_ids(self.tokenizer, self.task.chat_template)[:1] or end
+        self.label_ids = {name: self._plain(word) + end for name, word in self.task.label_words.items()}
         suffix = self.task.prompt_template.rsplit("}", 1)[-1]
         self.suffix_len = len(self._plain(suffix)) + 1 if suffix else 0  # +1: a merge across the boundary
         longest = max(len(ids) for ids in self.label_ids.values())
-        room = self.max_length - len(self.prefix) - longest - self.suffix_len
+        room = self.max_length - len(self.prefix) - len(self.tail) - longest - self.suffix_len
         if room < 1:
             raise DataError(f"data.max_length: {self.max_length} tokens cannot hold the template's end '{suffix}' "
                             f"({self.suffix_len} tokens) and the longest label ({longest} tokens with EOS); "
@@ -184,10 +199,10 @@ class Encoder:
         """Prompt tokens, cut at the start to leave `reserve` tokens for the label; returns (ids, was_cut)."""
         body = self._plain(self.task.prompt(row))
         reserve = max(len(ids) for ids in self.label_ids.values()) if reserve is None else reserve
-        keep = self.max_length - len(self.prefix) - reserve
+        keep = self.max_length - len(self.prefix) - len(self.tail) - reserve
         if len(body) > keep:
-            return self.prefix + body[len(body) - keep:], True
-        return self.prefix + body, False
+            return self.prefix + body[len(body) - keep:] + self.tail, True
+        return self.prefix + body + self.tail, False
 
     def training_example(self, row: dict) -> tuple[dict, bool]:
         label_ids = self.label_ids[row[self.task.label_column]]
