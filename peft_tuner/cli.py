@@ -1,7 +1,7 @@
 """The `peft-tuner` command: every verb, and how its config is resolved.
 
     train | merge | evaluate | pseudo-label | distill | generate | convert-loralib | config | prepare-model |
-    convert-gguf | make-tiny-model | demo
+    convert-gguf | make-chat-data | make-tiny-model | demo
 
 A verb takes a recipe YAML (or, after training, the config saved beside --adapter / --model) and `section.key=value`
 overrides; a user mistake (any PeftTunerError) prints one message and exits 2. The verbs' modules are imported only
@@ -151,6 +151,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(run=_convert_gguf)
+
+    p = sub.add_parser("make-chat-data", help="build the small instruction set of the chat recipe from the data at "
+                       "hand (twitter_complaints and ChnSentiCorp questions, WikiText-2 continuations)")
+    p.add_argument("out_dir", help="folder for train.jsonl and eval.jsonl, e.g. outputs/chat_data")
+    p.add_argument("--data", default="../shared/data", help="the folder holding raft/, chnsenticorp/ and wikitext-2/")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace files there that differ")
+    p.set_defaults(run=_make_chat_data)
 
     p = sub.add_parser("make-tiny-model", help="write a tiny random model with a local tokenizer (for trying things out)")
     p.add_argument("out_dir")
@@ -341,6 +349,16 @@ def _convert_gguf(args) -> int:
     from peft_tuner.prepare import convert_gguf
 
     print(convert_gguf(args.gguf_file, args.out_dir, overwrite=args.overwrite))
+    return 0
+
+
+def _make_chat_data(args) -> int:
+    from peft_tuner.chat_data import build_chat_set
+
+    counts = build_chat_set(args.data, args.out_dir, seed=args.seed, overwrite=args.overwrite)
+    for split, by_source in counts.items():
+        print(f"{Path(args.out_dir) / (split + '.jsonl')}: {sum(by_source.values())} conversations "
+              f"({', '.join(f'{n} {source}' for source, n in by_source.items())})")
     return 0
 
 

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from conftest import launch_command, records, run, summary, write_recipe
+from conftest import ds_config, launch_command, records, run, summary, write_recipe
 from peft_tuner.data import IGNORE_INDEX, DataError, SftEncoder, build_sft_task, collate, collate_padding_free, read_table
 from peft_tuner.data.chat import BUILTIN_TEMPLATES, assistant_token_mask, uses_generation_marks
 from peft_tuner.config import load_config
@@ -172,15 +172,23 @@ def sft_recipe(tmp_path, chat_model, sft_files, task, eval_file=None, **train):
                         eval={"max_new_tokens": 4, "batch_size": 8})
 
 
+# (task, launcher, ZeRO stage): chat under DeepSpeed ZeRO-3 on 2 processes, every weight partitioned
+RUNS = [("chat", "deepspeed", 3), ("completion", "python", 0)]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("task", ["chat", "completion"])
-def test_completion_and_chat_train_and_report_loss_perplexity_and_answer_metrics(tmp_path, chat_model, sft_files, task):
-    recipe = sft_recipe(tmp_path, chat_model, sft_files, task, eval_steps=2, padding_free=task == "chat")
-    run(launch_command("python") + [str(recipe)], timeout=300)
+@pytest.mark.parametrize("task,launcher,stage", RUNS, ids=[f"{t}-{l}-zero{z}" for t, l, z in RUNS])
+def test_completion_and_chat_train_and_report_loss_perplexity_and_answer_metrics(tmp_path, chat_model, sft_files, task,
+                                                                                 launcher, stage):
+    recipe = sft_recipe(tmp_path, chat_model, sft_files, task, eval_steps=2, padding_free=task == "chat",
+                        batch_size=2 if launcher == "deepspeed" else 4)
+    extra = ["--deepspeed", ds_config(f"zero{stage}.json")] if launcher == "deepspeed" else []
+    run(launch_command(launcher, stage=stage) + [str(recipe), *extra], timeout=400)
     evals = [r for r in records(tmp_path / "run") if r.get("event") == "eval"]
     assert [r["step"] for r in evals] == [2, 4, 6, 8]
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]  # the targets are learnt (eval rows = training rows)
     assert evals[-1]["perplexity"] == pytest.approx(math.exp(evals[-1]["eval_loss"]))
+    assert summary(tmp_path / "run")["best_step"] == 8 and (tmp_path / "run" / "best_adapter" / "adapter_config.json").is_file()
     out = tmp_path / "eval"
     run(launch_command("python", "launch/evaluate.py") + ["--adapter", str(tmp_path / "run" / "adapter"), "--out", str(out)],
         timeout=300)
@@ -194,39 +202,67 @@ def test_completion_and_chat_train_and_report_loss_perplexity_and_answer_metrics
         assert 0 <= metrics[key] <= 1
 
 
-@pytest.mark.slow
-def test_early_stopping_keeps_the_best_adapter_and_trackers_record_the_run(tmp_path, chat_model, sft_files, monkeypatch):
+def early_stopping_recipe(tmp_path, chat_model, sft_files, **train):
     # The eval rows' answers are unlike the training rows': their loss rises as training goes on.
-    recipe = sft_recipe(tmp_path, chat_model, sft_files, "chat", eval_file=sft_files / "chat_unlike.jsonl", eval_steps=1,
-                        early_stopping_patience=2, report_to=["tensorboard", "mlflow"], epochs=6)
-    run(launch_command("python") + [str(recipe)], timeout=300)
-    result = summary(tmp_path / "run")
-    evals = [r for r in records(tmp_path / "run") if r.get("event") == "eval"]
+    return sft_recipe(tmp_path, chat_model, sft_files, "chat", eval_file=sft_files / "chat_unlike.jsonl", eval_steps=1,
+                      early_stopping_patience=2, report_to=["tensorboard", "mlflow"], epochs=6, **train)
+
+
+@pytest.fixture(scope="module")
+def early_stopped(tmp_path_factory, chat_model, sft_files):
+    root = tmp_path_factory.mktemp("early")
+    run(launch_command("python") + [str(early_stopping_recipe(root, chat_model, sft_files))], timeout=300)
+    return root / "run"
+
+
+@pytest.mark.slow
+def test_early_stopping_keeps_the_best_adapter_and_trackers_record_the_run(tmp_path, early_stopped, monkeypatch):
+    result = summary(early_stopped)
+    evals = [r for r in records(early_stopped) if r.get("event") == "eval"]
     best = min(evals, key=lambda r: r["eval_loss"])
     assert result["stopped_early"] and result["steps_done"] == evals[-1]["step"] < 12
     assert result["best_step"] == best["step"] and len([e for e in evals if e["step"] > best["step"]]) == 2
     # best_adapter/ is the adapter of that evaluation: evaluated again, it gives the logged loss
     out = tmp_path / "eval_best"
-    run(launch_command("python", "launch/evaluate.py") + ["--adapter", str(tmp_path / "run" / "best_adapter"), "--out",
+    run(launch_command("python", "launch/evaluate.py") + ["--adapter", str(early_stopped / "best_adapter"), "--out",
                                                          str(out), "eval.max_new_tokens=1"], timeout=300)
     assert json.loads((out / "metrics_eval.json").read_text())["loss"] == pytest.approx(best["eval_loss"], rel=1e-3)
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events = EventAccumulator(str(early_stopped / "tensorboard"))
     events.Reload()
-    steps = [r for r in records(tmp_path / "run") if r.get("event") == "step"]
+    steps = [r for r in records(early_stopped) if r.get("event") == "step"]
     assert [e.step for e in events.Scalars("train/loss")] == [r["step"] for r in steps]
     assert [e.value for e in events.Scalars("eval/eval_loss")] == pytest.approx([r["eval_loss"] for r in evals])
 
     import mlflow
 
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 reads a file store only when told to
-    mlflow.set_tracking_uri((tmp_path / "run" / "mlruns").resolve().as_uri())
+    mlflow.set_tracking_uri((early_stopped / "mlruns").resolve().as_uri())
     (found,) = mlflow.search_runs(experiment_names=["peft_tuner"], output_format="list")
     assert found.data.params["data.task"] == "chat" and found.data.params["train.early_stopping_patience"] == "2"
     history = mlflow.tracking.MlflowClient().get_metric_history(found.info.run_id, "eval_eval_loss")
     assert [m.value for m in history] == pytest.approx([r["eval_loss"] for r in evals])
+
+
+@pytest.mark.slow
+def test_resume_keeps_the_best_so_far(tmp_path, chat_model, sft_files, early_stopped):
+    from safetensors.torch import load_file
+
+    recipe = early_stopping_recipe(tmp_path, chat_model, sft_files, checkpoint_steps=2)
+    best_step = summary(early_stopped)["best_step"]
+    kill_at = best_step + 1 if (best_step + 1) % 2 == 0 else best_step + 2  # after a checkpoint past the best
+    killed = run(launch_command("python") + [str(recipe)], env={"PEFT_TUNER_KILL_AT": f"after_step:{kill_at}"},
+                 timeout=300, check=False)
+    assert killed.returncode != 0 and (tmp_path / "run" / "best_adapter").is_dir()
+    run(launch_command("python") + [str(recipe), "--resume"], timeout=300)
+    resumed = summary(tmp_path / "run")
+    assert resumed["stopped_early"] and resumed["best_step"] == best_step
+    assert resumed["steps_done"] == summary(early_stopped)["steps_done"]
+    expected = load_file(early_stopped / "best_adapter" / "adapter_model.safetensors")
+    got = load_file(tmp_path / "run" / "best_adapter" / "adapter_model.safetensors")
+    assert max(float((expected[k] - got[k]).abs().max()) for k in expected) <= 1e-6
 
 
 def test_a_tracker_that_is_not_installed_is_refused_before_training(monkeypatch):
