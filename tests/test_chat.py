@@ -277,3 +277,29 @@ def test_a_tracker_that_is_not_installed_is_refused_before_training(monkeypatch)
         check_trackers(["tensorboard", "wandb"])
     with pytest.raises(Exception, match="train.report_to: 'neptune' is not one of tensorboard, mlflow, wandb"):
         load_config(None, ["model.name_or_path=x", "train.report_to=neptune"])
+
+
+def test_classification_rows_rendered_as_chat_are_scored_in_the_chat_format(chat_model, chat_tokenizer, data_dir):
+    from transformers import AutoModelForCausalLM
+
+    from peft_tuner.data import Encoder, build_task, encode_training_rows
+    from peft_tuner.scoring import rank_scores
+
+    cfg = load_config(None, ["model.name_or_path=unused", f"data.train_file={data_dir / 'raft'}", "data.chat_format=true",
+                             "data.system_prompt=Classify the tweet."])
+    table = read_table(cfg.data.train_file)
+    task = build_task(cfg.data, table, chat_tokenizer)
+    encoder = Encoder(chat_tokenizer, task, max_length=96)
+    row = table.rows[0]
+    expected = chat_tokenizer.apply_chat_template(
+        [{"role": "system", "content": "Classify the tweet."}, {"role": "user", "content": task.prompt(row)}],
+        tokenize=False, add_generation_prompt=True)
+    assert chat_tokenizer.decode(encoder.prompt_ids(row)[0]) == expected
+    assert chat_tokenizer.decode(encoder.label_ids["no complaint"]) == "no complaint<|im_end|>"
+    (example,), _, _ = encode_training_rows(encoder, [row])
+    trained = [t for t in example["labels"] if t != IGNORE_INDEX]
+    assert trained == encoder.label_ids[row["Label"]]  # the answer and its end-of-turn token, nothing else
+    model = AutoModelForCausalLM.from_pretrained(chat_model).eval()
+    scores = rank_scores(model, encoder, table.rows[:3], batch_size=2)
+    reference = rank_scores(model, encoder, table.rows[:3], batch_size=2, share_cache=False)  # each answer appended
+    assert torch.allclose(scores, reference, atol=1e-4)
