@@ -71,9 +71,10 @@ class MLflow:
     def __init__(self, output_dir: Path, config: dict, resume: bool):
         import mlflow
 
-        if not os.environ.get("MLFLOW_TRACKING_URI"):
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or (output_dir / "mlruns").resolve().as_uri()
+        if "://" not in uri or uri.startswith("file:"):
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 asks for this before a file store
-            mlflow.set_tracking_uri((output_dir / "mlruns").resolve().as_uri())
+        mlflow.set_tracking_uri(uri)
         mlflow.set_experiment("peft_tuner")
         run_id_file = output_dir / "mlflow_run_id"
         run_id = run_id_file.read_text().strip() if resume and run_id_file.is_file() else None
