@@ -17,7 +17,7 @@ PREFIXES = {"step": "train", "eval": "eval", "end": "final"}
 
 
 def check_trackers(names: list[str]) -> None:
-    missing = [name for name in names if importlib.util.find_spec(PACKAGES[name]) is None]
+    missing = [name for name in names if name in PACKAGES and importlib.util.find_spec(PACKAGES[name]) is None]
     if missing:
         extras = ",".join(missing)
         raise ConfigError(f"train.report_to: {', '.join(missing)} not installed; install with "

@@ -304,3 +304,25 @@ def test_classification_rows_rendered_as_chat_are_scored_in_the_chat_format(chat
     scores = rank_scores(model, encoder, table.rows[:3], batch_size=2)
     reference = rank_scores(model, encoder, table.rows[:3], batch_size=2, share_cache=False)  # each answer appended
     assert torch.allclose(scores, reference, atol=1e-4)
+
+
+def test_the_chat_recipes_instruction_set_is_built_from_the_data_at_hand(tmp_path):
+    from conftest import SHARED_DATA
+    from peft_tuner.chat_data import SIZES, build_chat_set
+
+    if not (SHARED_DATA / "raft").is_dir():
+        pytest.skip("needs ../shared/data beside the checkout")
+    assert build_chat_set(SHARED_DATA, tmp_path) == SIZES
+    splits = {s: [json.loads(l) for l in (tmp_path / f"{s}.jsonl").read_text().splitlines()] for s in ("train", "eval")}
+    questions = {s: {r["messages"][0]["content"] for r in rows} for s, rows in splits.items()}
+    assert not questions["train"] & questions["eval"]  # no eval question is trained on
+    answers = {r["source"]: set() for r in splits["train"]}
+    for row in splits["train"] + splits["eval"]:
+        assert [m["role"] for m in row["messages"]] == ["user", "assistant"]
+        answers[row["source"]].add(row["messages"][1]["content"])
+    assert answers["twitter_complaints"] == {"complaint", "no complaint"} and answers["chnsenticorp"] == {"正面", "负面"}
+    assert build_chat_set(SHARED_DATA, tmp_path) == SIZES  # the same files again: nothing to replace
+    (tmp_path / "eval.jsonl").write_text("mine\n")
+    with pytest.raises(DataError, match="eval.jsonl is there with other content; pass --overwrite"):
+        build_chat_set(SHARED_DATA, tmp_path)
+    assert (tmp_path / "eval.jsonl").read_text() == "mine\n"

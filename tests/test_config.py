@@ -10,6 +10,7 @@ from peft_tuner.config import ConfigError, load_config
 from peft_tuner.ds_config import read_deepspeed_file, resolve_deepspeed_config, zero_stage
 
 RECIPES = sorted((ROOT / "configs").glob("*.yaml"))
+CHNSENTICORP = ROOT / "configs" / "chnsenticorp_lora.yaml"
 DS_CONFIGS = sorted((ROOT / "ds_configs").glob("*.json"))
 
 
@@ -124,15 +125,16 @@ def test_config_command_lists_every_key_with_type_default_and_help(capsys):
 
 def test_rslora_with_adalora_is_refused_and_ignored_keys_are_warned_about(tmp_path, capsys):
     with pytest.raises(ConfigError, match=r"peft.use_rslora: only applies to peft.method=lora"):
-        load_config(str(RECIPES[0]), ["peft.method=adalora", "peft.use_rslora=true"])
-    load_config(str(RECIPES[0]), ["peft.method=prompt_tuning", "peft.r=16", "eval.num_beams=4"])
+        load_config(str(CHNSENTICORP), ["peft.method=adalora", "peft.use_rslora=true"])
+    load_config(str(CHNSENTICORP), ["peft.method=prompt_tuning", "peft.r=16", "eval.num_beams=4"])
     err = capsys.readouterr().err
     assert "warning: peft.r: ignored with peft.method=prompt_tuning" in err
     assert "warning: eval.num_beams: ignored with eval.method=rank" in err
     assert "warning: peft.alpha: ignored with peft.method=prompt_tuning" in err  # written in the recipe itself
     assert "peft.num_virtual_tokens" not in err and "peft.use_dora" not in err  # used, or never written
-    load_config(str(RECIPES[0]))
-    assert "warning" not in capsys.readouterr().err  # the shipped recipe as it is: nothing ignored
+    for recipe in RECIPES:
+        load_config(str(recipe))
+        assert "warning" not in capsys.readouterr().err, recipe  # a shipped recipe as it is: nothing ignored
 
 
 @pytest.mark.parametrize("env,stage,offload,zero3_init", [

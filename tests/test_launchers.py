@@ -93,7 +93,10 @@ import os, sys
 from peft_tuner import distributed as dist
 from transformers import LlamaConfig, LlamaForCausalLM
 
-threads = lambda: len(os.listdir("/proc/self/task"))
+def threads():  # the process group's threads (gloo's); other libraries' own threads (jemalloc's, say) do not count
+    names = [open(f"/proc/self/task/{t}/comm").read() for t in os.listdir("/proc/self/task")]
+    return sum("gloo" in name for name in names)
+
 before = threads()
 dist.init_distributed()
 LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
