@@ -47,6 +47,16 @@ def load_task(cfg: Config, saved_dir: Optional[str]) -> ClassificationTask:
 # The job
 
 
+def join_launcher_processes() -> int:
+    """Under a launcher, bring up its process group (the rows are split over its processes); the world size."""
+    from peft_tuner import distributed as dist
+
+    if dist.detect_launcher() == "python":
+        return 1
+    dist.init_distributed()
+    return dist.world_size()
+
+
 def evaluate(cfg: Config, out_dir: str | Path, split: str = "eval", model_dir: Optional[str] = None,
              adapter_dir: Optional[str | list[str]] = None, method: Optional[str] = None, quiet: bool = False) -> dict:
     """Evaluate on data.eval_file (split=eval) or data.test_file (split=test); write predictions, metrics, submission.
@@ -91,10 +101,7 @@ def evaluate(cfg: Config, out_dir: str | Path, split: str = "eval", model_dir: O
         raise ConfigError("eval.match_prior: works on rank classification's class scores; evaluate with --method rank")
     shares, reference = prior_reference(cfg, task) if cfg.eval.match_prior else (None, [])
 
-    world = 1
-    if dist.detect_launcher() != "python":
-        dist.init_distributed()
-        world = dist.world_size()
+    world = join_launcher_processes()
     mine = list(range(dist.rank(), len(rows), world))
     my_rows = [rows[i] for i in mine]
     my_reference = reference[dist.rank()::world]  # scored with the rows, then split off again
@@ -136,11 +143,7 @@ def evaluate(cfg: Config, out_dir: str | Path, split: str = "eval", model_dir: O
             record["gold"] = row[task.label_column]
         predictions.append(record)
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / f"predictions_{split}.jsonl", "w") as f:
-        for record in predictions:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    out = write_predictions(Path(out_dir), split, predictions)
     result = {"split": split, "source": spec, "method": method, "model": model_kind, "rows": len(rows),
               "processes": world, "seconds": round(elapsed, 3), "examples_per_second": round(len(rows) / elapsed, 2),
               "peak_memory_gb": round(dist.peak_memory_gb(), 3)}
@@ -161,6 +164,15 @@ def evaluate(cfg: Config, out_dir: str | Path, split: str = "eval", model_dir: O
         print(f"predictions: {out / f'predictions_{split}.jsonl'}" + (f" | submission: {result['submission']}" if "submission" in result else ""))
     dist.shutdown()
     return result
+
+
+def write_predictions(out: Path, split: str, predictions: list[dict]) -> Path:
+    """predictions_<split>.jsonl in `out` (made if missing), one JSON line per row; returns `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / f"predictions_{split}.jsonl", "w") as f:
+        for record in predictions:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return out
 
 
 def write_submission(path: Path, predictions: list[dict], task: ClassificationTask) -> Path:
@@ -211,10 +223,7 @@ def evaluate_text(cfg: Config, table, out_dir, model_dir, adapter_dir, quiet: bo
     model, tokenizer, model_kind = load_for_inference(cfg, model_dir, adapter_dir)
     dtype = cfg.eval.dtype or cfg.model.dtype
     blocks, _ = text_blocks(tokenizer, table, cfg.data)
-    world = 1
-    if dist.detect_launcher() != "python":
-        dist.init_distributed()
-        world = dist.world_size()
+    world = join_launcher_processes()
     model.to(dist.device())
     started = time.time()
     loss = text_loss_over_ranks(model, blocks, cfg.eval.batch_size, tokenizer.pad_token_id)
@@ -256,10 +265,7 @@ def evaluate_answers(cfg: Config, table, out_dir, split: str, model_dir, adapter
     task = load_sft_task(cfg, adapter_dir or model_dir, table, tokenizer)
     rows = sft_rows(task, table, cfg.data, split, require_target=False)
     encoder = SftEncoder(tokenizer, task, cfg.data.max_length)
-    world = 1
-    if dist.detect_launcher() != "python":
-        dist.init_distributed()
-        world = dist.world_size()
+    world = join_launcher_processes()
     model.to(dist.device())
     started = time.time()
     new_tokens = eval_new_tokens(cfg)
@@ -287,11 +293,7 @@ def evaluate_answers(cfg: Config, table, out_dir, split: str, model_dir, adapter
     scored = [p for p in predictions if p["reference"] is not None]
     for p, scores in zip(scored, answer_scores([p["output"] for p in scored], [p["reference"] for p in scored])):
         p.update(scores)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / f"predictions_{split}.jsonl", "w") as f:
-        for record in predictions:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    out = write_predictions(Path(out_dir), split, predictions)
     result = {"split": split, "source": table.source, "task": task.kind, "model": model_kind, "rows": len(rows),
               "with_reference": len(scored), "processes": world, "seconds": round(elapsed, 3),
               "examples_per_second": round(len(rows) / elapsed, 2), "max_new_tokens": new_tokens,
