@@ -326,3 +326,16 @@ def test_the_chat_recipes_instruction_set_is_built_from_the_data_at_hand(tmp_pat
     with pytest.raises(DataError, match="eval.jsonl is there with other content; pass --overwrite"):
         build_chat_set(SHARED_DATA, tmp_path)
     assert (tmp_path / "eval.jsonl").read_text() == "mine\n"
+
+
+def test_answer_metrics_count_words_and_chinese_characters():
+    from rouge_score import rouge_scorer
+
+    from peft_tuner.metrics import answer_scores
+
+    assert rouge_scorer.RougeScorer(["rougeL"]).score("正面", "正面")["rougeL"].fmeasure == 0  # its tokenizer drops CJK
+    same, partial, other = answer_scores(["正面", "The cat sat.", "no complaint"], ["正面", "the cat sat on the mat", "complaint"])
+    assert same == {"exact_match": 1.0, "token_f1": 1.0, "rouge_l": 1.0}
+    assert partial["exact_match"] == 0 and partial["token_f1"] == pytest.approx(2 * 1 * 0.5 / 1.5)  # 3 of 6 words
+    assert partial["rouge_l"] == pytest.approx(2 * 1 * 0.5 / 1.5)
+    assert other["token_f1"] == pytest.approx(2 * 0.5 * 1 / 1.5) and other["exact_match"] == 0
