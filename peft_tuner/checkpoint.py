@@ -233,9 +233,11 @@ def check_output_dir(cfg: Config, resume: bool, overwrite: bool) -> None:
 def prepare_output_dir(cfg: Config, overwrite: bool) -> None:
     out = Path(cfg.output_dir)
     if overwrite:
-        for name in (CHECKPOINT_DIR, ADAPTER_DIR, BEST_ADAPTER_DIR, "tensorboard", "mlruns", "wandb"):
+        from peft_tuner.trackers import OUTPUTS
+
+        for name in (CHECKPOINT_DIR, ADAPTER_DIR, BEST_ADAPTER_DIR, *OUTPUTS):
             shutil.rmtree(out / name, ignore_errors=True)
-        for name in ("train_log.jsonl", "summary.json", "mlflow_run_id"):
+        for name in ("train_log.jsonl", "summary.json", *OUTPUTS):
             (out / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / CONFIG_FILE)

@@ -239,10 +239,10 @@ def ignored_keys(cfg: Config, written: set[str]) -> list[str]:
     if cfg.data.task in ("completion", "chat"):
         for key in ("label_words", "class_names", "label_column", "empty_text", "text_column"):
             unused[f"data.{key}"] = f"data.task={cfg.data.task}"
-    if cfg.data.task == "chat":
-        unused["data.prompt_template"] = "data.task=chat (the chat template renders the messages)"
         for key in ("calibrate", "match_prior", "prior_rows", "method"):
             unused[f"eval.{key}"] = f"data.task={cfg.data.task} (evaluated by loss, perplexity and generation)"
+    if cfg.data.task == "chat":
+        unused["data.prompt_template"] = "data.task=chat (the chat template renders the messages)"
     if cfg.data.task == "text":
         for key in ("prompt_template", "label_words", "class_names", "label_column", "id_column", "empty_text", "chat_format"):
             unused[f"data.{key}"] = "data.task=text"

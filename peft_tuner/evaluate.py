@@ -305,8 +305,9 @@ def evaluate_answers(cfg: Config, table, out_dir, split: str, model_dir, adapter
         print(f"evaluate | {table.source} | {task.kind} | {model_kind} | {len(rows)} rows on {world} process(es) | "
               f"{result['examples_per_second']} examples/s")
         if scored:
-            print(f"loss {loss:.4f} | perplexity {math.exp(loss):.2f} | exact match {result['exact_match']:.4f} | "
-                  f"token F1 {result['token_f1']:.4f} | ROUGE-L {result['rouge_l']:.4f} | n={len(scored)}")
+            print((f"loss {loss:.4f} | perplexity {math.exp(loss):.2f} | " if loss is not None else "") +
+                  f"exact match {result['exact_match']:.4f} | token F1 {result['token_f1']:.4f} | "
+                  f"ROUGE-L {result['rouge_l']:.4f} | n={len(scored)}")
         print(f"predictions: {out / f'predictions_{split}.jsonl'}")
     dist.shutdown()
     return result

@@ -43,11 +43,10 @@ def generate(model, tokenizer, prompts: list[str], cfg: Config, seed: Optional[i
 def chat_prompts(tokenizer, questions: list[str], cfg: Config, system: Optional[str] = None) -> tuple[list[list[int]], list[int]]:
     """`--chat` questions as user turns (after `system`), rendered with data.chat_template or the tokenizer's own and
     the generation prompt; returns (their tokens, the tokens that end an answer: EOS and the end-of-turn token)."""
-    from peft_tuner.data.chat import encode_rendered, end_of_turn_ids, render, resolve_chat_template
+    from peft_tuner.data.chat import answer_stop_ids, encode_rendered, render, resolve_chat_template
 
     template = resolve_chat_template(cfg.data.chat_template, tokenizer)
     head = [{"role": "system", "content": system}] if system else []
     encoded = [encode_rendered(tokenizer, render(tokenizer, template, head + [{"role": "user", "content": q}], True))
                for q in questions]
-    stops = list(dict.fromkeys([tokenizer.eos_token_id, *end_of_turn_ids(tokenizer, template)[:1]]))
-    return encoded, stops
+    return encoded, answer_stop_ids(tokenizer, template)

@@ -13,7 +13,8 @@ from pathlib import Path
 from peft_tuner.config import ConfigError
 
 PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
-PREFIXES = {"step": "train", "eval": "eval", "end": "final"}
+PREFIXES = {"step": "train", "eval": "eval", "end": "final"}  # a train_log.jsonl event -> its trackers' prefix
+OUTPUTS = ("tensorboard", "mlruns", "wandb", "mlflow_run_id")  # what the trackers write in output_dir
 
 
 def check_trackers(names: list[str]) -> None:

@@ -30,7 +30,7 @@ from peft_tuner.modeling import (DTYPES, add_neftune_noise, build_peft_model, ch
                                  is_prompt_learning, keep_adalora_mask, load_base_model, load_tokenizer,
                                  load_trained_model)
 from peft_tuner.scoring import text_loss_over_ranks
-from peft_tuner.trackers import check_trackers, numeric, open_trackers
+from peft_tuner.trackers import PREFIXES, check_trackers, numeric, open_trackers
 
 
 class TrainingStopped(PeftTunerError):
@@ -519,7 +519,7 @@ class RunLog:
         if dist.is_main():
             with open(self.path, "a") as f:
                 f.write(json.dumps({"time": round(time.time(), 3), **values}) + "\n")
-            prefix = {"step": "train", "eval": "eval", "end": "final"}.get(values.get("event"))
+            prefix = PREFIXES.get(values.get("event"))
             if prefix and values.get("step", values.get("steps_done")) is not None:
                 scalars = {f"{prefix}/{k}": v for k, v in numeric(values).items()}
                 for tracker in self.trackers:

@@ -339,3 +339,13 @@ def test_answer_metrics_count_words_and_chinese_characters():
     assert partial["exact_match"] == 0 and partial["token_f1"] == pytest.approx(2 * 1 * 0.5 / 1.5)  # 3 of 6 words
     assert partial["rouge_l"] == pytest.approx(2 * 1 * 0.5 / 1.5)
     assert other["token_f1"] == pytest.approx(2 * 0.5 * 1 / 1.5) and other["exact_match"] == 0
+
+
+def test_keys_completion_and_chat_never_read_are_warned_about(capsys):
+    load_config(None, ["model.name_or_path=x", "data.task=completion", "eval.calibrate=true", "data.messages_column=m"])
+    err = capsys.readouterr().err
+    assert "warning: eval.calibrate: ignored with data.task=completion" in err
+    assert "warning: data.messages_column: ignored with data.task=completion" in err
+    load_config(None, ["model.name_or_path=x", "data.task=chat", "data.prompt_template='Q: {x}'", "data.loss_on=all"])
+    err = capsys.readouterr().err
+    assert "warning: data.prompt_template: ignored with data.task=chat" in err and "loss_on" not in err

@@ -98,8 +98,8 @@ def encode_rendered(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def assistant_token_mask(tokenizer, template: str, messages: list[dict], loss_on: str = "assistant",
-                         where: str = "a row") -> tuple[list[int], list[bool]]:
+def assistant_token_mask(tokenizer, template: str, messages: list[dict],
+                         loss_on: str = "assistant") -> tuple[list[int], list[bool]]:
     """(token ids of the whole conversation, which of them are trained on): every assistant turn with its end-of-turn
     token (loss_on=assistant), the last one only (last_assistant), or every token (all)."""
     if loss_on == "all":
@@ -124,7 +124,8 @@ def assistant_token_mask(tokenizer, template: str, messages: list[dict], loss_on
         before = render(tokenizer, template, messages[:i], generation_prompt=True)
         through = render(tokenizer, template, messages[:i + 1])
         if not (text.startswith(before) and text.startswith(through) and len(through) > len(before)):
-            raise DataError(f"{where}: the chat template renders the conversation before assistant turn {i + 1} "
+            raise DataError(f"data.chat_template: on a conversation of roles {[m['role'] for m in messages]}, the "
+                            f"template renders the part before assistant turn {i + 1} "
                             f"differently from the whole conversation, so its tokens cannot be found; use a template "
                             f"that marks them with {{% generation %}}, or data.loss_on=all")
         spans.append((len(before), len(through.rstrip())))
@@ -162,6 +163,12 @@ def end_of_turn_ids(tokenizer, template: str) -> list[int]:
     text = render(tokenizer, template, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _MARKER}])
     after = text.split(_MARKER, 1)[1].rstrip() if _MARKER in text else ""
     return encode_rendered(tokenizer, after) if after else []
+
+
+def answer_stop_ids(tokenizer, template: str) -> list[int]:
+    """What ends a generated answer: EOS and the template's end-of-turn token."""
+    ids = [tokenizer.eos_token_id, *end_of_turn_ids(tokenizer, template)[:1]]
+    return list(dict.fromkeys(t for t in ids if t is not None))
 
 
 def user_turn_wrapping(tokenizer, template: str, system_prompt: Optional[str]) -> tuple[list[int], list[int]]:

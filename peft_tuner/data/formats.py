@@ -32,13 +32,23 @@ class ClassificationTask:
 
     @property
     def template_columns(self) -> list[str]:
-        return [name for _, name, _, _ in string.Formatter().parse(self.prompt_template) if name]
+        return template_columns(self.prompt_template)
 
     def prompt(self, row: dict) -> str:
-        return self.prompt_template.format_map({c: str(row.get(c, "") or "") for c in self.template_columns})
+        return fill_template(self.prompt_template, row)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
+
+
+def template_columns(template: str) -> list[str]:
+    """The columns a prompt template names in braces."""
+    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
+
+
+def fill_template(template: str, row: dict) -> str:
+    """The template with each {column} replaced by the row's value (empty where missing)."""
+    return template.format_map({c: str(row.get(c, "") or "") for c in template_columns(template)})
 
 
 @dataclass

@@ -9,15 +9,14 @@ prompt is everything before its target, and the target is the reference the outp
 """
 from __future__ import annotations
 
-import string
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 from peft_tuner.config import DataConfig
 from peft_tuner.data.cache import cached_examples, rows_fingerprint, tokenizer_fingerprint
-from peft_tuner.data.chat import (assistant_token_mask, encode_rendered, end_of_turn_ids, read_messages, render,
+from peft_tuner.data.chat import (answer_stop_ids, assistant_token_mask, encode_rendered, read_messages, render,
                                   resolve_chat_template, split_for_generation)
-from peft_tuner.data.formats import IGNORE_INDEX, leading_special_tokens, select_rows
+from peft_tuner.data.formats import IGNORE_INDEX, fill_template, leading_special_tokens, select_rows, template_columns
 from peft_tuner.data.sources import DataError, Table
 
 
@@ -37,10 +36,10 @@ class SftTask:
 
     @property
     def template_columns(self) -> list[str]:
-        return [name for _, name, _, _ in string.Formatter().parse(self.prompt_template or "") if name]
+        return template_columns(self.prompt_template or "")
 
     def prompt(self, row: dict) -> str:
-        return (self.prompt_template or "").format_map({c: str(row.get(c, "") or "") for c in self.template_columns})
+        return fill_template(self.prompt_template or "", row)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -113,8 +112,8 @@ class SftEncoder:
 
     def __post_init__(self):
         self.prefix = leading_special_tokens(self.tokenizer)
-        end_of_turn = end_of_turn_ids(self.tokenizer, self.task.chat_template)[:1] if self.task.as_chat else []
-        self.stop_ids = list(dict.fromkeys(t for t in [self.tokenizer.eos_token_id, *end_of_turn] if t is not None))
+        self.stop_ids = answer_stop_ids(self.tokenizer, self.task.chat_template) if self.task.as_chat \
+            else [self.tokenizer.eos_token_id]
 
     def messages(self, row: dict) -> list[dict]:
         """The row as a conversation (a completion row with data.chat_format: user prompt, assistant completion)."""
