@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from peft_tuner.config import Config, eval_new_tokens
-from peft_tuner.data import Encoder, collate
+from peft_tuner.data import IGNORE_INDEX, Encoder, collate
 from peft_tuner.modeling import decode, is_prompt_learning, stop_token_ids
 
 LOGITS_BUDGET = 64 * 2**20  # floats of candidate logits held at once (256 MB in fp32)
@@ -183,25 +183,29 @@ def _sum_logprobs(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def score_rows(cfg: Config, task, rows: list[dict], model_dir: Optional[str] = None,
-               adapters: Sequence[Optional[str]] = (None,), progress=None) -> tuple[torch.Tensor, str]:
+               adapters: Sequence[Optional[str]] = (None,), progress=None) -> tuple[torch.Tensor, str, float]:
     """Rank classification's class scores for `rows` on this process: ([rows, classes] in task.class_names' order,
-    what was scored). The model is the base model, `model_dir`, or each adapter in turn, loaded one at a time;
-    eval.calibrate subtracts each one's content-free prior. Several adapters are one ensemble: each class's
-    log-probability, normalised over the classes, averaged over the adapters."""
+    what was scored, seconds spent scoring, model loading left out). The model is the base model, `model_dir`, or
+    each adapter in turn, loaded one at a time; eval.calibrate subtracts each one's content-free prior. Several
+    adapters are one ensemble: each class's log-probability, normalised over the classes, averaged over the adapters."""
+    import time
+
     from peft_tuner import distributed as dist
     from peft_tuner.modeling import load_for_inference
 
-    total = torch.zeros((len(rows), len(task.class_names)))
+    total, seconds = torch.zeros((len(rows), len(task.class_names))), 0.0
     for adapter in adapters:
         model, tokenizer, kind = load_for_inference(cfg, model_dir, adapter)
         model.to(dist.device())
+        started = time.time()
         encoder = Encoder(tokenizer, task, cfg.data.max_length)
         scores = rank_scores(model, encoder, rows, cfg.eval.batch_size, progress=progress)
         if cfg.eval.calibrate:
             scores = scores - content_free_prior(model, encoder)
         total += scores.log_softmax(-1) / len(adapters) if len(adapters) > 1 else scores
+        seconds += time.time() - started
         del model
-    return total, (f"ensemble of {len(adapters)} {kind} adapters" if len(adapters) > 1 else kind)
+    return total, (f"ensemble of {len(adapters)} {kind} adapters" if len(adapters) > 1 else kind), seconds
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -263,6 +267,33 @@ def content_free_prior(model, encoder: Encoder) -> torch.Tensor:
 
 
 
+def takes_chosen_logits(model) -> bool:
+    """Whether the model computes logits only at the positions a boolean `logits_to_keep` mask names (transformers'
+    causal LMs do; prompt-learning models prepend virtual tokens, which would shift the mask)."""
+    import inspect
+
+    model = getattr(model, "module", model)  # a DeepSpeed engine holds the model
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return not is_prompt_learning(model) and "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def label_token_losses(model, inputs: dict, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token cross-entropy of every label token (labels are -100 elsewhere), and the batch row of each.
+
+    The LM head (for SmolLM2 a 49,152 x 576 matrix, a fifth of the model's multiply-adds per token) runs only at the
+    positions that predict a label, where the model allows it: a classification row's prompt costs no logits at all."""
+    targets = labels[:, 1:]
+    wanted = targets != IGNORE_INDEX
+    if takes_chosen_logits(model):
+        keep = F.pad(wanted, (0, 1), value=False)  # position t predicts token t + 1
+        logits = model(**inputs, logits_to_keep=keep).logits  # [kept positions, vocab]
+    else:
+        logits = model(**inputs).logits[:, -labels.shape[1]:]  # prompt-learning models prepend virtual tokens
+        logits = logits[:, :-1][wanted]
+    losses = F.cross_entropy(logits.float(), targets[wanted], reduction="none")
+    return losses, wanted.nonzero()[:, 0]
+
+
 @torch.no_grad()
 def text_loss_over_ranks(model, blocks: list[dict], batch_size: int, pad: int) -> float:
     """Mean next-token loss over the label tokens of `blocks` (every token of a text block; the target of a completion
@@ -280,12 +311,9 @@ def text_loss_over_ranks(model, blocks: list[dict], batch_size: int, pad: int) -
         indices = mine[start:start + batch_size]
         counted = torch.tensor([i < len(blocks) for i in indices], device=device)
         batch = collate([blocks[min(i, len(blocks) - 1)] for i in indices], pad)
-        width = batch["input_ids"].shape[1]
         inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask") + (("position_ids",) if pass_positions else ())}
-        logits = model(**inputs).logits[:, -width:]  # prompt-learning models prepend virtual tokens
-        labels = batch["labels"][:, 1:].to(device)
-        losses = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels, reduction="none", ignore_index=-100)
-        total += float(losses.sum(-1)[counted].sum())
-        tokens += int((labels != -100).sum(-1)[counted].sum())
+        losses, row_of = label_token_losses(model, inputs, batch["labels"].to(device))
+        total += float(losses[counted[row_of]].sum())
+        tokens += int(counted[row_of].sum())
     total, tokens = dist.all_reduce([total, tokens])
     return total / tokens

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from peft_tuner import checkpoint as ckpt
 from peft_tuner import distributed as dist
@@ -29,7 +28,7 @@ from peft_tuner.errors import PeftTunerError
 from peft_tuner.modeling import (DTYPES, add_neftune_noise, build_peft_model, check_peft_applies, count_parameters,
                                  is_prompt_learning, keep_adalora_mask, load_base_model, load_tokenizer,
                                  load_trained_model)
-from peft_tuner.scoring import text_loss_over_ranks
+from peft_tuner.scoring import label_token_losses, text_loss_over_ranks
 from peft_tuner.trackers import PREFIXES, check_trackers, numeric, open_trackers
 
 
@@ -437,11 +436,8 @@ def token_loss_sum(engine, batch: dict, pass_positions: bool) -> torch.Tensor:
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}
     if pass_positions:
         inputs["position_ids"] = batch["position_ids"]
-    logits = engine(**inputs, use_cache=False).logits
-    length = batch["input_ids"].shape[1]
-    logits = logits[:, -length:, :]  # prompt-tuning models prepend virtual tokens
-    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
+    losses, _ = label_token_losses(engine, {**inputs, "use_cache": False}, batch["labels"])
+    return losses.sum()
 
 
 def check_padding_free(model, examples: list[dict], pad: int, dtype: str) -> None:

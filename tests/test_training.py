@@ -9,6 +9,7 @@ import sys
 import pytest
 
 import torch
+import torch.nn.functional as F
 
 from conftest import ds_config, records, run, step_losses, write_recipe
 
@@ -95,7 +96,8 @@ def test_padding_free_training_gives_the_losses_of_padded_batches(runs):
 def test_padding_free_batch_has_the_padded_batch_loss_and_gradients(tiny_models, data_dir, arch, keeps_rows_apart):
     """fp32, one forward and backward: the rows as one sequence (positions restarting, no attention mask) against the
     same rows left-padded. Equal mean token loss within 1e-5 and equal LoRA gradients where the model confines attention
-    by positions; the others (BLOOM's ALiBi takes no positions, OPT makes its own mask) are refused before training."""
+    by positions; the others (BLOOM's ALiBi takes no positions, OPT makes its own mask) are refused before training.
+    The training loss computes logits at label-predicting positions only: equal to the loss over every position's."""
     from peft_tuner.config import ConfigError
     from peft_tuner.trainer import check_padding_free
 
@@ -103,6 +105,7 @@ def test_padding_free_batch_has_the_padded_batch_loss_and_gradients(tiny_models,
     from peft_tuner.data import (Encoder, build_task, collate, collate_padding_free, encode_training_rows, prepare_split,
                                  read_table)
     from peft_tuner.modeling import build_peft_model, load_base_model, load_tokenizer
+    from peft_tuner.scoring import takes_chosen_logits
     from peft_tuner.trainer import token_loss_sum
 
     model_cfg = ModelConfig(name_or_path=str(tiny_models[arch]))
@@ -119,13 +122,25 @@ def test_padding_free_batch_has_the_padded_batch_loss_and_gradients(tiny_models,
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.05)  # LoRA B starts at zero: give the adapter a say
+    padded_batch = collate(examples, tokenizer.pad_token_id)
+
+    def every_logit(batch):  # the reference: the LM head over every position, then the loss over the label tokens
+        logits = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}).logits
+        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1),
+                               ignore_index=-100, reduction="sum")
+
     results = []
-    for batch in (collate(examples, tokenizer.pad_token_id), collate_padding_free(examples)):
+    for batch, loss_of in ((padded_batch, every_logit), (padded_batch, lambda b: token_loss_sum(model, b, pass_positions=True)),
+                           (collate_padding_free(examples), lambda b: token_loss_sum(model, b, pass_positions=True))):
         model.zero_grad()
-        loss = token_loss_sum(model, batch, pass_positions=True)
+        loss = loss_of(batch)
         loss.backward()
         results.append((float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
-    (padded, padded_grads), (flat, flat_grads) = results
+    (reference, reference_grads), (padded, padded_grads), (flat, flat_grads) = results
+    assert takes_chosen_logits(model)  # the training loss runs the LM head only where a label is predicted ...
+    assert abs(padded - reference) / labelled < 1e-6, (padded, reference)  # ... and loses nothing by it
+    for name, grad in reference_grads.items():
+        torch.testing.assert_close(padded_grads[name], grad, atol=1e-6, rtol=1e-5)
     if not keeps_rows_apart:
         assert abs(flat - padded) / labelled > 1e-6  # the rows saw each other
         with pytest.raises(ConfigError, match=f"train.padding_free: this {arch} model lets the rows"):
