@@ -50,7 +50,7 @@ def pseudo_label(cfg: Config, out_csv: str | Path, adapter_dir: Optional[str | l
 
     test_data = dataclasses.replace(cfg.data, max_rows=rows)
     unlabelled = prepare_split(task, read_table(cfg.data.test_file, "test"), test_data, require_labels=False, role="test").rows
-    scores, scored_by = score_rows(cfg, task, unlabelled, model_dir, members)
+    scores, scored_by, _ = score_rows(cfg, task, unlabelled, model_dir, members)
     labels = split_by_shares(scores, shares)
 
     train_rows = [train.rows[i] for i in select_rows(train.rows, cfg.data, "train", task.label_column)]  # as the adapters saw them

@@ -111,9 +111,8 @@ def evaluate(cfg: Config, out_dir: str | Path, split: str = "eval", model_dir: O
 
         progress = tqdm(total=(len(my_rows) + len(my_reference)) * len(members), dynamic_ncols=True,
                         desc=f"evaluate ({method}, rank 0 of {world})")
-    started = time.time()
     if method == "rank":
-        scores, model_kind = score_rows(cfg, task, my_rows + my_reference, model_dir, members, progress)
+        scores, model_kind, elapsed = score_rows(cfg, task, my_rows + my_reference, model_dir, members, progress)
         scores, reference_scores = scores[: len(my_rows)], scores[len(my_rows):]
         if reference:
             offsets = prior_offsets(torch.cat(dist.all_gather_objects(reference_scores)), shares)
@@ -123,10 +122,11 @@ def evaluate(cfg: Config, out_dir: str | Path, split: str = "eval", model_dir: O
     else:
         model, tokenizer, model_kind = load_for_inference(cfg, model_dir, adapter_dir)
         model.to(dist.device())
+        started = time.time()  # model loading left out, as for rank classification
         encoder = Encoder(tokenizer, task, cfg.data.max_length)
         texts = generate_labels(model, encoder, my_rows, cfg, progress=progress)
         results = [{"prediction": text_to_class(t, task.label_words), "output": t} for t in texts]
-    elapsed = time.time() - started
+        elapsed = time.time() - started
     if progress is not None:
         progress.close()
     gathered = dist.all_gather_objects([(i, r) for i, r in zip(mine, results)])

@@ -1,0 +1,94 @@
+"""How much could training the distillation teachers together save? Stacking N teachers' micro-batches into one
+forward and backward does not remove any multiply-add: each teacher's rows still go through the whole model. What it
+can save is the per-row cost of small batches. This driver measures that cost: seconds per training row of one
+forward + backward + AdamW step of the default recipe's model (LoRA r=8 on every linear layer of SmolLM2-135M-Instruct,
+fp32, padding-free rows of RAFT twitter_complaints, labels on the class name), at the recipe's micro-batch (4 rows) and
+at the micro-batches of 2, 3 and 6 teachers stacked (8, 12, 24 rows). The best case for N teachers trained together is
+N x (seconds per row at 4N rows) / (seconds per row at 4 rows) recipe runs of training time.
+
+    OMP_NUM_THREADS=2 .venv/bin/python bench/teacher_batching.py            # about 3 minutes on a 2-core CPU
+
+Writes its table to docs/benchmarks.md between the teacher_batching markers.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from peft_tuner.config import load_config  # noqa: E402
+from peft_tuner.data import Encoder, build_task, collate_padding_free, encode_training_rows, prepare_split, read_table  # noqa: E402
+from peft_tuner.modeling import build_peft_model, load_base_model, load_tokenizer  # noqa: E402
+from peft_tuner.trainer import token_loss_sum  # noqa: E402
+
+DOC = ROOT / "docs" / "benchmarks.md"
+MARKERS = ("<!-- teacher_batching: begin (written by bench/teacher_batching.py) -->", "<!-- teacher_batching: end -->")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", default=str(ROOT / "configs" / "twitter_complaints_smollm2.yaml"))
+    parser.add_argument("--teachers", type=int, nargs="+", default=[1, 2, 3, 6])
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per batch size (after one warm-up step)")
+    args = parser.parse_args()
+
+    cfg = load_config(args.recipe)
+    tokenizer = load_tokenizer(cfg.model)
+    table = read_table(cfg.data.train_file, "train")
+    task = build_task(cfg.data, table)
+    examples = encode_training_rows(Encoder(tokenizer, task, cfg.data.max_length),
+                                    prepare_split(task, table, cfg.data, require_labels=True).rows)[0]
+    torch.manual_seed(0)
+    model = build_peft_model(load_base_model(cfg.model), cfg.peft, cfg.model, total_steps=100)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.train.learning_rate)
+    model.train()
+
+    rows = []
+    for teachers in args.teachers:
+        micro = cfg.train.batch_size * teachers
+        seconds = []
+        for step in range(args.steps + 1):
+            chosen = [examples[(step * micro + i) % len(examples)] for i in range(micro)]
+            batch = collate_padding_free(chosen)
+            began = time.perf_counter()
+            token_loss_sum(model, batch, pass_positions=True).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            if step:  # the first step pays for warm-up
+                seconds.append((time.perf_counter() - began) / micro)
+        rows.append({"teachers": teachers, "micro_batch": micro, "seconds_per_row": statistics.median(seconds)})
+        print(rows[-1], flush=True)
+    single = rows[0]["seconds_per_row"]
+    lines = [f"Run {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%dT%H:%M:%SZ}: `OMP_NUM_THREADS={torch.get_num_threads()} "
+             f"python bench/teacher_batching.py` on {platform.processor() or platform.machine()} "
+             f"({torch.get_num_threads()} threads), torch {torch.__version__}; the recipe "
+             f"`{Path(args.recipe).relative_to(ROOT)}`, medians of {args.steps} steps.", "",
+             "| teachers stacked | rows per forward | s per row (forward + backward + AdamW) | best-case training time of the teachers, in recipe runs |",
+             "|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['teachers']} | {r['micro_batch']} | {r['seconds_per_row']:.4f} | "
+                     f"{r['teachers'] * r['seconds_per_row'] / single:.2f} (separately: {r['teachers']}) |")
+    write_between_markers("\n".join(lines))
+
+
+def write_between_markers(text: str) -> None:
+    doc = DOC.read_text(encoding="utf-8")
+    begin, end = MARKERS
+    block = f"{begin}\n{text}\n{end}"
+    if begin in doc and end in doc:
+        doc = doc[:doc.index(begin)] + block + doc[doc.index(end) + len(end):]
+    else:
+        doc = doc.rstrip("\n") + "\n\n## Training the distillation teachers together: the most it could save\n\n" + block + "\n"
+    DOC.write_text(doc, encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
