@@ -153,6 +153,42 @@ def _contiguous_inputs(module, args):
     return tuple(a.contiguous() if isinstance(a, torch.Tensor) else a for a in args)
 
 
+ROW_BY_ROW = "sdpa_row_by_row"
+
+
+def row_by_row_attention(module, query, key, value, attention_mask, cu_seq_lens_q=None, **kwargs):
+    """transformers' SDPA attention, except for a padding-free batch, whose rows are named by `cu_seq_lens_q` (row
+    boundaries in the one sequence, as for flash-attention's varlen kernels): there each row attends causally to
+    itself alone, one row at a time. SDPA alone would attend over the whole sequence under a block-diagonal mask, work
+    that grows with the square of the whole length (8 rows of 200 tokens: 1600^2 against 8 x 200^2, 8 times more;
+    a SmolLM2 forward + backward of such a batch took 14.1 s with the mask, 8.5 s row by row, on 2 CPU cores. For
+    8 classification rows of about 30 tokens both took about 1.8 s)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if cu_seq_lens_q is None or query.shape[0] != 1 or query.shape[2] != key.shape[2]:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    bounds = cu_seq_lens_q.tolist()
+    rows = [sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None, **kwargs)[0]
+            for a, b in zip(bounds, bounds[1:])]
+    return torch.cat(rows, dim=1), None  # [1, tokens, heads, head_dim], as SDPA returns it
+
+
+def attend_row_by_row(model) -> bool:
+    """Padding-free training on SDPA models (the CPU's default): attention one row at a time. Other batches (padded
+    evaluation, a scoring tree's 4D mask, generation) go through SDPA unchanged. False where the model does not use
+    SDPA (flash-attention takes the same row boundaries itself; eager is left alone)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(base.config, "_attn_implementation", None) not in ("sdpa", ROW_BY_ROW):
+        return False
+    AttentionInterface.register(ROW_BY_ROW, row_by_row_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ROW_BY_ROW, sdpa_mask)  # padded batches get SDPA's masks
+    base.set_attn_implementation(ROW_BY_ROW)
+    return True
+
+
 def load_trained_model(model_cfg: ModelConfig, trained_dir, dtype: Optional[str] = None):
     """An adapter folder on its base model (peft), or a standalone folder (method=full, or a merged model)."""
     trained_dir = Path(trained_dir)

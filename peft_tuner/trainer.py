@@ -25,8 +25,8 @@ from peft_tuner.data import (IGNORE_INDEX, DataError, Encoder, SftEncoder, build
                              collate_padding_free, encode_sft_rows, encode_training_rows, prepare_split, read_table,
                              real_tokens, sft_rows, text_blocks)
 from peft_tuner.errors import PeftTunerError
-from peft_tuner.modeling import (DTYPES, add_neftune_noise, build_peft_model, check_peft_applies, count_parameters,
-                                 is_prompt_learning, keep_adalora_mask, load_base_model, load_tokenizer,
+from peft_tuner.modeling import (DTYPES, add_neftune_noise, attend_row_by_row, build_peft_model, check_peft_applies,
+                                 count_parameters, is_prompt_learning, keep_adalora_mask, load_base_model, load_tokenizer,
                                  load_trained_model)
 from peft_tuner.scoring import label_token_losses, text_loss_over_ranks
 from peft_tuner.trackers import PREFIXES, check_trackers, numeric, open_trackers
@@ -72,7 +72,9 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, problems: 
     trainable, total = count_parameters(model)
     engine = setup_engine(model, ds_config, cfg, total_steps)
     if cfg.train.padding_free:
-        check_padding_free(engine.module, data.examples, tokenizer.pad_token_id, cfg.model.dtype)
+        check_padding_free(engine.module, data.examples, tokenizer.pad_token_id, cfg.model.dtype)  # the model keeps rows apart
+        if attend_row_by_row(engine.module):
+            check_padding_free(engine.module, data.examples, tokenizer.pad_token_id, cfg.model.dtype)  # and so does this
     torch.manual_seed(cfg.train.seed + dist.rank())  # dropout differs across ranks, reproducibly
 
     start_step, best = 0, BestSoFar(*metric_for_best(cfg))
@@ -436,6 +438,10 @@ def token_loss_sum(engine, batch: dict, pass_positions: bool) -> torch.Tensor:
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}
     if pass_positions:
         inputs["position_ids"] = batch["position_ids"]
+        if "cu_seq_lens" in batch:  # the rows' boundaries, for attention that runs row by row
+            longest = int((batch["cu_seq_lens"][1:] - batch["cu_seq_lens"][:-1]).max())
+            inputs.update(cu_seq_lens_q=batch["cu_seq_lens"], cu_seq_lens_k=batch["cu_seq_lens"],
+                          max_length_q=longest, max_length_k=longest)
     losses, _ = label_token_losses(engine, {**inputs, "use_cache": False}, batch["labels"])
     return losses.sum()
 

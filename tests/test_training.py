@@ -97,7 +97,8 @@ def test_padding_free_batch_has_the_padded_batch_loss_and_gradients(tiny_models,
     """fp32, one forward and backward: the rows as one sequence (positions restarting, no attention mask) against the
     same rows left-padded. Equal mean token loss within 1e-5 and equal LoRA gradients where the model confines attention
     by positions; the others (BLOOM's ALiBi takes no positions, OPT makes its own mask) are refused before training.
-    The training loss computes logits at label-predicting positions only: equal to the loss over every position's."""
+    The training loss computes logits at label-predicting positions only: equal to the loss over every position's.
+    Attention row by row (per-row SDPA over the packed sequence) gives the padded loss and gradients too."""
     from peft_tuner.config import ConfigError
     from peft_tuner.trainer import check_padding_free
 
@@ -105,6 +106,7 @@ def test_padding_free_batch_has_the_padded_batch_loss_and_gradients(tiny_models,
     from peft_tuner.data import (Encoder, build_task, collate, collate_padding_free, encode_training_rows, prepare_split,
                                  read_table)
     from peft_tuner.modeling import build_peft_model, load_base_model, load_tokenizer
+    from peft_tuner.modeling import ROW_BY_ROW, attend_row_by_row
     from peft_tuner.scoring import takes_chosen_logits
     from peft_tuner.trainer import token_loss_sum
 
@@ -122,6 +124,7 @@ def test_padding_free_batch_has_the_padded_batch_loss_and_gradients(tiny_models,
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.05)  # LoRA B starts at zero: give the adapter a say
+    model.eval()  # no dropout (GPT-2's attention has its own): the comparison is of arithmetic, not of random masks
     padded_batch = collate(examples, tokenizer.pad_token_id)
 
     def every_logit(batch):  # the reference: the LM head over every position, then the loss over the label tokens
@@ -150,6 +153,15 @@ def test_padding_free_batch_has_the_padded_batch_loss_and_gradients(tiny_models,
     assert abs(flat - padded) / labelled < 1e-5, (flat / labelled, padded / labelled)  # the mean token loss
     for name, grad in padded_grads.items():
         torch.testing.assert_close(flat_grads[name], grad, atol=1e-5, rtol=1e-4)
+    # Attention row by row (what training uses for padding-free batches on SDPA models): the same loss and gradients.
+    assert attend_row_by_row(model) and model.config._attn_implementation == ROW_BY_ROW
+    model.zero_grad()
+    rows = token_loss_sum(model, collate_padding_free(examples), pass_positions=True)
+    rows.backward()
+    assert abs(float(rows) - padded) / labelled < 1e-5, (float(rows) / labelled, padded / labelled)
+    for name, grad in padded_grads.items():
+        torch.testing.assert_close(model.get_parameter(name).grad, grad, atol=1e-5, rtol=1e-4)
+    assert float(token_loss_sum(model, padded_batch, pass_positions=True)) == pytest.approx(padded, rel=1e-6)  # padded: SDPA as before
 
 
 @pytest.mark.parametrize("arch", list(PINNED))

@@ -269,8 +269,10 @@ def collate_padding_free(examples: list[dict]) -> dict[str, torch.Tensor]:
     """The rows one after another as one sequence [1, total tokens], no padding and no attention mask: positions
     restart at 0 on each row, from which transformers confines attention to each row (masking_utils'
     find_packed_sequence_indices, used where no attention mask is given). Each row's first label is -100: it would be
-    predicted from the row before (in a padded batch the shift drops it)."""
-    input_ids, labels, positions = [], [], []
+    predicted from the row before (in a padded batch the shift drops it). `cu_seq_lens` holds the row boundaries
+    (0, end of row 1, end of row 2, ...), for attention that runs row by row (flash-attention's varlen kernels,
+    modeling.row_by_row_attention)."""
+    input_ids, labels, positions, bounds = [], [], [], [0]
     for e in examples:
         n = len(e["input_ids"])
         row_labels = list(e.get("labels", [IGNORE_INDEX] * n))
@@ -278,7 +280,9 @@ def collate_padding_free(examples: list[dict]) -> dict[str, torch.Tensor]:
         input_ids += e["input_ids"]
         labels += row_labels
         positions += range(n)
-    return {"input_ids": torch.tensor([input_ids]), "labels": torch.tensor([labels]), "position_ids": torch.tensor([positions])}
+        bounds.append(bounds[-1] + n)
+    return {"input_ids": torch.tensor([input_ids]), "labels": torch.tensor([labels]), "position_ids": torch.tensor([positions]),
+            "cu_seq_lens": torch.tensor(bounds, dtype=torch.int32)}
 
 
 def real_tokens(batch: dict) -> int:
