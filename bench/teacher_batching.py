@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import platform
 import statistics
 import sys
 import time
@@ -28,6 +27,7 @@ from peft_tuner.config import load_config  # noqa: E402
 from peft_tuner.data import Encoder, build_task, collate, collate_padding_free, encode_training_rows, prepare_split, read_table  # noqa: E402
 from peft_tuner.modeling import attend_row_by_row, build_peft_model, load_base_model, load_tokenizer  # noqa: E402
 from peft_tuner.trainer import token_loss_sum  # noqa: E402
+from speed_vs_peers import _cpu_name  # noqa: E402  (bench/ is the script's folder)
 
 DOC = ROOT / "docs" / "benchmarks.md"
 MARKERS = ("<!-- teacher_batching: begin (written by bench/teacher_batching.py) -->", "<!-- teacher_batching: end -->")
@@ -70,7 +70,7 @@ def main() -> None:
         print(rows[-1], flush=True)
     single = rows[0]["seconds_per_row"]
     lines = [f"Run {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%dT%H:%M:%SZ}: `OMP_NUM_THREADS={torch.get_num_threads()} "
-             f"python bench/teacher_batching.py` on {platform.processor() or platform.machine()} "
+             f"python bench/teacher_batching.py` on {_cpu_name()} "
              f"({torch.get_num_threads()} threads), torch {torch.__version__}; the recipe "
              f"`{Path(args.recipe).relative_to(ROOT)}`, medians of {args.steps} steps.", "",
              "| teachers stacked | rows per forward | s per row (forward + backward + AdamW) | best-case training time of the teachers, in recipe runs |",

@@ -124,7 +124,9 @@ class EvalConfig:
     match_prior: bool = _help(False, "Rank method: offset the class scores so that, over the first eval.prior_rows rows of data.test_file (no labels needed), the mean predicted class shares equal the shares of the training labels: takes out the model's lean towards a class.")
     prior_rows: int = _help(400, "Unlabelled rows of data.test_file that eval.match_prior measures the lean on.")
     metric_for_best: Optional[str] = _help(None, "What marks the best evaluation during training (best_adapter/, early stopping): accuracy, eval_loss or perplexity; default accuracy for classification, eval_loss otherwise.")
-    dtype: Optional[str] = _help(None, "Weights dtype for evaluation and generation (bf16 is ~1.8x faster on AVX-512 CPUs); default model.dtype.")
+    dtype: Optional[str] = _help(None, "Weights dtype for evaluation and generation: fp32, bf16, fp16, or auto (bf16 where "
+                                       "this machine computes it natively: a GPU that supports it, a CPU with AVX-512 BF16 "
+                                       "or AMX; else model.dtype); default model.dtype.")
 
 
 @dataclass
@@ -466,7 +468,8 @@ def validate(cfg: Config) -> list[str]:
         check(cfg.eval.metric_for_best in allowed, f"eval.metric_for_best: '{cfg.eval.metric_for_best}' is not measured "
               f"during training of data.task={cfg.data.task}; use {' or '.join(allowed)}")
     check(cfg.eval.max_new_tokens is None or cfg.eval.max_new_tokens > 0, "eval.max_new_tokens: must be positive")
-    check(cfg.eval.dtype in (None, "fp32", "bf16", "fp16"), f"eval.dtype: '{cfg.eval.dtype}' is not one of fp32, bf16, fp16")
+    check(cfg.eval.dtype in (None, "fp32", "bf16", "fp16", "auto"),
+          f"eval.dtype: '{cfg.eval.dtype}' is not one of fp32, bf16, fp16, auto")
     check(cfg.eval.method in ("rank", "generate"), f"eval.method: '{cfg.eval.method}' is not one of rank, generate")
     check(cfg.eval.batch_size > 0, "eval.batch_size: must be positive")
     check(cfg.eval.prior_rows > 0, "eval.prior_rows: must be positive")

@@ -17,7 +17,7 @@ from peft_tuner.config import Config, ConfigError, eval_new_tokens
 from peft_tuner.data import (ClassificationTask, DataError, Encoder, SftEncoder, SftTask, build_sft_task, build_task,
                              prepare_split, read_table, sft_rows, text_blocks)
 from peft_tuner.metrics import answer_scores, classification_metrics, format_report, mean_answer_scores
-from peft_tuner.modeling import ModelError, load_for_inference
+from peft_tuner.modeling import ModelError, eval_dtype, load_for_inference
 from peft_tuner.scoring import generate_labels, generate_texts, score_rows, text_loss_over_ranks, text_to_class
 
 
@@ -221,7 +221,7 @@ def evaluate_text(cfg: Config, table, out_dir, model_dir, adapter_dir, quiet: bo
     from peft_tuner import distributed as dist
 
     model, tokenizer, model_kind = load_for_inference(cfg, model_dir, adapter_dir)
-    dtype = cfg.eval.dtype or cfg.model.dtype
+    dtype = eval_dtype(cfg)
     blocks, _ = text_blocks(tokenizer, table, cfg.data)
     world = join_launcher_processes()
     model.to(dist.device())

@@ -26,8 +26,8 @@ from peft_tuner.data import (IGNORE_INDEX, DataError, Encoder, SftEncoder, build
                              real_tokens, sft_rows, text_blocks)
 from peft_tuner.errors import PeftTunerError
 from peft_tuner.modeling import (DTYPES, add_neftune_noise, attend_row_by_row, build_peft_model, check_peft_applies,
-                                 count_parameters, is_prompt_learning, keep_adalora_mask, load_base_model, load_tokenizer,
-                                 load_trained_model)
+                                 count_parameters, eval_dtype, is_prompt_learning, keep_adalora_mask, load_base_model,
+                                 load_tokenizer, load_trained_model)
 from peft_tuner.scoring import label_token_losses, text_loss_over_ranks
 from peft_tuner.trackers import PREFIXES, check_trackers, numeric, open_trackers
 
@@ -427,8 +427,9 @@ def eval_autocast(cfg: Config):
     """Evaluation in eval.dtype (bf16 / fp16) while the weights train in fp32: autocast, as evaluate does with a copy."""
     import contextlib
 
-    if cfg.eval.dtype in ("bf16", "fp16") and cfg.model.dtype == "fp32":
-        return torch.autocast(dist.device().type, dtype=DTYPES[cfg.eval.dtype])
+    dtype = eval_dtype(cfg)
+    if dtype in ("bf16", "fp16") and cfg.model.dtype == "fp32":
+        return torch.autocast(dist.device().type, dtype=DTYPES[dtype])
     return contextlib.nullcontext()
 
 

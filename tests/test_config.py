@@ -156,3 +156,23 @@ def test_accelerate_deepspeed_settings_are_read_through_its_plugin(monkeypatch, 
     assert zero_stage(ds) == stage and init is zero3_init
     assert ds["zero_optimization"].get("offload_optimizer", {}).get("device", "none") == (offload or "none")
     assert ds["gradient_accumulation_steps"] == cfg.train.gradient_accumulation
+
+
+def test_eval_dtype_auto_is_bf16_only_where_the_machine_computes_it(monkeypatch):
+    """Emulated bf16 is slow (5x slower than fp32 for SmolLM2 scoring on an AVX2-only CPU): `auto` takes bf16 only where
+    the GPU supports it or the CPU has AVX-512 BF16 / AMX, else model.dtype; an explicit dtype is kept as written."""
+    import torch
+
+    from peft_tuner import modeling
+
+    cfg = load_config(str(ROOT / "configs" / "twitter_complaints_smollm2.yaml"))
+    assert cfg.eval.dtype == "auto" and cfg.model.dtype == "fp32"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for avx512_bf16, amx, expected in ((False, False, "fp32"), (True, False, "bf16"), (False, True, "bf16")):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v, raising=False)
+        assert modeling.eval_dtype(cfg) == expected
+    assert modeling.eval_dtype(load_config(str(ROOT / "configs" / "twitter_complaints_smollm2.yaml"), ["eval.dtype=bf16"])) == "bf16"
+    assert modeling.eval_dtype(load_config(str(ROOT / "configs" / "wikitext2_lora.yaml"))) == "fp32"  # unset: model.dtype
+    with pytest.raises(ConfigError, match="eval.dtype: 'bf8' is not one of fp32, bf16, fp16, auto"):
+        load_config(str(RECIPES[0]), ["eval.dtype=bf8"])
