@@ -174,7 +174,7 @@ def row_by_row_attention(module, query, key, value, attention_mask, cu_seq_lens_
 
 
 def attend_row_by_row(model) -> bool:
-    """Padding-free training on SDPA models (the CPU's default): attention one row at a time. Other batches (padded
+    """Padding-free training on SDPA models on the CPU: attention one row at a time. Other batches (padded
     evaluation, a scoring tree's 4D mask, generation) go through SDPA unchanged. False where the model does not use
     SDPA (flash-attention takes the same row boundaries itself; eager is left alone)."""
     from transformers import AttentionInterface

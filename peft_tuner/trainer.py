@@ -73,7 +73,8 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, problems: 
     engine = setup_engine(model, ds_config, cfg, total_steps)
     if cfg.train.padding_free:
         check_padding_free(engine.module, data.examples, tokenizer.pad_token_id, cfg.model.dtype)  # the model keeps rows apart
-        if attend_row_by_row(engine.module):
+        # Row-by-row attention is measured on the CPU only; a GPU keeps SDPA's masked kernels (or flash-attention's varlen).
+        if dist.device().type == "cpu" and attend_row_by_row(engine.module):
             check_padding_free(engine.module, data.examples, tokenizer.pad_token_id, cfg.model.dtype)  # and so does this
     torch.manual_seed(cfg.train.seed + dist.rank())  # dropout differs across ranks, reproducibly
 
