@@ -31,6 +31,7 @@ from speed_vs_peers import _cpu_name  # noqa: E402  (bench/ is the script's fold
 
 DOC = ROOT / "docs" / "benchmarks.md"
 MARKERS = ("<!-- teacher_batching: begin (written by bench/teacher_batching.py) -->", "<!-- teacher_batching: end -->")
+TITLE = "Training the distillation teachers together: the most it could save"
 
 
 def main() -> None:
@@ -81,14 +82,15 @@ def main() -> None:
     write_between_markers("\n".join(lines))
 
 
-def write_between_markers(text: str) -> None:
+def write_between_markers(text: str, markers: tuple[str, str] = MARKERS, title: str = TITLE) -> None:
+    """Replace what lies between the markers in docs/benchmarks.md (a new section under `title` the first time)."""
     doc = DOC.read_text(encoding="utf-8")
-    begin, end = MARKERS
+    begin, end = markers
     block = f"{begin}\n{text}\n{end}"
     if begin in doc and end in doc:
         doc = doc[:doc.index(begin)] + block + doc[doc.index(end) + len(end):]
     else:
-        doc = doc.rstrip("\n") + "\n\n## Training the distillation teachers together: the most it could save\n\n" + block + "\n"
+        doc = doc.rstrip("\n") + f"\n\n## {title}\n\n" + block + "\n"
     DOC.write_text(doc, encoding="utf-8")
 
 

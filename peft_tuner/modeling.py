@@ -160,9 +160,9 @@ def row_by_row_attention(module, query, key, value, attention_mask, cu_seq_lens_
     """transformers' SDPA attention, except for a padding-free batch, whose rows are named by `cu_seq_lens_q` (row
     boundaries in the one sequence, as for flash-attention's varlen kernels): there each row attends causally to
     itself alone, one row at a time. SDPA alone would attend over the whole sequence under a block-diagonal mask, work
-    that grows with the square of the whole length (8 rows of 200 tokens: 1600^2 against 8 x 200^2, 8 times more;
-    a SmolLM2 forward + backward of such a batch took 14.1 s with the mask, 8.5 s row by row, on 2 CPU cores. For
-    8 classification rows of about 30 tokens both took about 1.8 s)."""
+    that grows with the square of the whole length (8 rows of 200 tokens: 1600^2 against 8 x 200^2, 8 times more; a
+    SmolLM2 forward + backward of such a batch took 10.56 s with the mask, 5.61 s row by row, on 2 CPU cores; for rows
+    of 30 tokens 1.01 s and 0.94 s: bench/packed_attention.py)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if cu_seq_lens_q is None or query.shape[0] != 1 or query.shape[2] != key.shape[2]:
