@@ -90,13 +90,19 @@ class CandidateTree:
         return len(self.tokens)
 
 
+def forward_takes(model, parameter: str) -> bool:
+    """Whether the model's own forward takes `parameter` (a DeepSpeed engine and a peft wrapper are looked through)."""
+    import inspect
+
+    model = getattr(model, "module", model)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return parameter in inspect.signature(base.forward).parameters
+
+
 def takes_tree_mask(model) -> bool:
     """Tree scoring places each node by its position id, so the model must take position ids (alibi models such as
     BLOOM do not); transformers passes a 4D attention mask through as given."""
-    import inspect
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "position_ids" in inspect.signature(base.forward).parameters
+    return forward_takes(model, "position_ids")
 
 
 def _vocab_size(model) -> int:
@@ -270,11 +276,7 @@ def content_free_prior(model, encoder: Encoder) -> torch.Tensor:
 def takes_chosen_logits(model) -> bool:
     """Whether the model computes logits only at the positions a boolean `logits_to_keep` mask names (transformers'
     causal LMs do; prompt-learning models prepend virtual tokens, which would shift the mask)."""
-    import inspect
-
-    model = getattr(model, "module", model)  # a DeepSpeed engine holds the model
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return not is_prompt_learning(model) and "logits_to_keep" in inspect.signature(base.forward).parameters
+    return not is_prompt_learning(getattr(model, "module", model)) and forward_takes(model, "logits_to_keep")
 
 
 def label_token_losses(model, inputs: dict, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
