@@ -22,6 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from report_blocks import write_between_markers  # noqa: E402  (bench/ is the script's folder)
 RECIPE = ROOT / "configs" / "twitter_complaints_smollm2.yaml"
 RESULTS = ROOT / "bench" / "results" / "experiments.jsonl"
 TABLE_MARKERS = ("<!-- experiments table: begin (written by `python bench/experiments.py table`) -->",
@@ -136,15 +137,8 @@ def table(_args) -> None:
         lines.append(f"| {name} | `{overrides}` | {', '.join(str(r['seed']) for r in rs)} "
                      f"| {stat([r.get('cv_accuracy') for r in rs])} | {stat([r.get('dev_accuracy') for r in rs])} "
                      f"| {stat([r.get('dev_accuracy_generate') for r in rs])} | {stat([r.get('dev_macro_f1') for r in rs])} |")
-    doc = ROOT / "docs" / "experiments.md"
-    text = doc.read_text() if doc.is_file() else "# Experiments\n\n"
-    block = "\n".join([TABLE_MARKERS[0], *lines, "", "Every row's commands are in bench/results/experiments.jsonl.", TABLE_MARKERS[1]])
-    if TABLE_MARKERS[0] in text and TABLE_MARKERS[1] in text:  # only the generated block is replaced
-        before, rest = text.split(TABLE_MARKERS[0], 1)
-        text = before + block + rest.split(TABLE_MARKERS[1], 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    doc.write_text(text)
+    write_between_markers("\n".join([*lines, "", "Every row's commands are in bench/results/experiments.jsonl."]), TABLE_MARKERS,
+                          doc=ROOT / "docs" / "experiments.md", new_doc="# Experiments\n")
     print("\n".join(lines))
 
 

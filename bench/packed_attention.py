@@ -24,8 +24,7 @@ from peft_tuner.config import load_config  # noqa: E402
 from peft_tuner.data import collate_padding_free  # noqa: E402
 from peft_tuner.modeling import ROW_BY_ROW, attend_row_by_row, build_peft_model, load_base_model  # noqa: E402
 from peft_tuner.trainer import token_loss_sum  # noqa: E402
-from speed_vs_peers import _cpu_name  # noqa: E402  (bench/ is the script's folder)
-from teacher_batching import write_between_markers  # noqa: E402
+from report_blocks import cpu_name, write_between_markers  # noqa: E402  (bench/ is the script's folder)
 
 MARKERS = ("<!-- packed_attention: begin (written by bench/packed_attention.py) -->", "<!-- packed_attention: end -->")
 TITLE = "Padding-free rows: attention row by row against one masked attention over the packed sequence"
@@ -46,7 +45,7 @@ def main() -> None:
     base = model.get_base_model()
     generator = torch.Generator().manual_seed(0)
     lines = [f"Run {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%dT%H:%M:%SZ}: `OMP_NUM_THREADS={torch.get_num_threads()} "
-             f"python bench/packed_attention.py` on {_cpu_name()} ({torch.get_num_threads()} threads), torch "
+             f"python bench/packed_attention.py` on {cpu_name()} ({torch.get_num_threads()} threads), torch "
              f"{torch.__version__}; SmolLM2-135M-Instruct, LoRA r=8 on q,v; {args.rows} rows a batch; medians of "
              f"{args.steps} steps.", "",
              "| tokens per row | packed length | s per forward + backward, masked SDPA | row by row | speed-up |", "|---|---|---|---|---|"]
@@ -67,7 +66,7 @@ def main() -> None:
         masked, by_row = statistics.median(seconds["sdpa"]), statistics.median(seconds[ROW_BY_ROW])
         print(length, masked, by_row, flush=True)
         lines.append(f"| {length} | {length * args.rows} | {masked:.2f} | {by_row:.2f} | {masked / by_row:.2f}x |")
-    write_between_markers("\n".join(lines), MARKERS, TITLE)
+    write_between_markers("\n".join(lines), MARKERS, title=TITLE)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -40,9 +39,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from report_blocks import BENCHMARKS, cpu_name, write_between_markers  # noqa: E402  (bench/ is the script's folder)
 DATA = ROOT.parent / "shared" / "data" / "raft" / "twitter_complaints"
 RESULTS = ROOT / "bench" / "results" / "speed_vs_peers.jsonl"
-DOC = ROOT / "docs" / "benchmarks.md"
 PLOT = ROOT / "docs" / "speed_vs_peers.png"
 MARKERS = ("<!-- speed_vs_peers: begin (written by bench/speed_vs_peers.py) -->", "<!-- speed_vs_peers: end -->")
 
@@ -353,7 +352,7 @@ def main(argv=None) -> int:
     import transformers
 
     run_id = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    machine = {"cpu": _cpu_name(), "cores": os.cpu_count(), "gpu": torch.cuda.get_device_name(0) if _has_gpu() else None,
+    machine = {"cpu": cpu_name(), "cores": os.cpu_count(), "gpu": torch.cuda.get_device_name(0) if _has_gpu() else None,
                "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
     command = "python bench/speed_vs_peers.py " + " ".join(argv if argv is not None else sys.argv[1:])
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
@@ -381,16 +380,6 @@ def main(argv=None) -> int:
     return 0
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # docs/benchmarks.md, between its markers, and the plot
 
@@ -398,7 +387,7 @@ def _cpu_name() -> str:
 def write_report(run_id: str) -> None:
     records = [json.loads(l) for l in RESULTS.read_text().splitlines() if l.strip()]
     records = [r for r in records if r["run"] == run_id]
-    lines = [MARKERS[0], "", f"Run {run_id}: `{records[0]['command']}` on {records[0]['machine']['cpu']} "
+    lines = ["", f"Run {run_id}: `{records[0]['command']}` on {records[0]['machine']['cpu']} "
              f"({records[0]['machine']['cores']} cores{', ' + records[0]['machine']['gpu'] if records[0]['machine']['gpu'] else ''}), "
              f"torch {records[0]['machine']['torch']}, transformers {records[0]['machine']['transformers']}, "
              f"peft {records[0]['machine']['peft']}; {records[0]['epochs']} epochs over the 50 training rows; medians of "
@@ -433,16 +422,8 @@ def write_report(run_id: str) -> None:
         lines.append("")
     if _plot(records):
         lines += [f"![loss against wall-clock time]({PLOT.name})", ""]
-    lines.append(MARKERS[1])
-    text = DOC.read_text() if DOC.is_file() else "# Benchmarks\n"
-    if MARKERS[0] in text and MARKERS[1] in text:
-        before, rest = text.split(MARKERS[0], 1)
-        after = rest.split(MARKERS[1], 1)[1]
-        text = before + "\n".join(lines) + after
-    else:
-        text = text.rstrip("\n") + "\n\n## Speed against the peers\n\n" + "\n".join(lines) + "\n"
-    DOC.write_text(text)
-    print(f"wrote {DOC}")
+    write_between_markers("\n".join(lines), MARKERS, title="Speed against the peers")
+    print(f"wrote {BENCHMARKS}")
 
 
 def _plot(records: list[dict]) -> bool:

@@ -27,9 +27,8 @@ from peft_tuner.config import load_config  # noqa: E402
 from peft_tuner.data import Encoder, build_task, collate, collate_padding_free, encode_training_rows, prepare_split, read_table  # noqa: E402
 from peft_tuner.modeling import attend_row_by_row, build_peft_model, load_base_model, load_tokenizer  # noqa: E402
 from peft_tuner.trainer import token_loss_sum  # noqa: E402
-from speed_vs_peers import _cpu_name  # noqa: E402  (bench/ is the script's folder)
+from report_blocks import cpu_name, write_between_markers  # noqa: E402  (bench/ is the script's folder)
 
-DOC = ROOT / "docs" / "benchmarks.md"
 MARKERS = ("<!-- teacher_batching: begin (written by bench/teacher_batching.py) -->", "<!-- teacher_batching: end -->")
 TITLE = "Training the distillation teachers together: the most it could save"
 
@@ -71,7 +70,7 @@ def main() -> None:
         print(rows[-1], flush=True)
     single = rows[0]["seconds_per_row"]
     lines = [f"Run {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%dT%H:%M:%SZ}: `OMP_NUM_THREADS={torch.get_num_threads()} "
-             f"python bench/teacher_batching.py` on {_cpu_name()} "
+             f"python bench/teacher_batching.py` on {cpu_name()} "
              f"({torch.get_num_threads()} threads), torch {torch.__version__}; the recipe "
              f"`{Path(args.recipe).relative_to(ROOT)}`, medians of {args.steps} steps.", "",
              "| teachers stacked | rows per forward | s per row (forward + backward + AdamW) | best-case training time of the teachers, in recipe runs |",
@@ -79,19 +78,8 @@ def main() -> None:
     for r in rows:
         lines.append(f"| {r['teachers']} | {r['micro_batch']} | {r['seconds_per_row']:.4f} | "
                      f"{r['teachers'] * r['seconds_per_row'] / single:.2f} (separately: {r['teachers']}) |")
-    write_between_markers("\n".join(lines))
+    write_between_markers("\n".join(lines), MARKERS, title=TITLE)
 
-
-def write_between_markers(text: str, markers: tuple[str, str] = MARKERS, title: str = TITLE) -> None:
-    """Replace what lies between the markers in docs/benchmarks.md (a new section under `title` the first time)."""
-    doc = DOC.read_text(encoding="utf-8")
-    begin, end = markers
-    block = f"{begin}\n{text}\n{end}"
-    if begin in doc and end in doc:
-        doc = doc[:doc.index(begin)] + block + doc[doc.index(end) + len(end):]
-    else:
-        doc = doc.rstrip("\n") + f"\n\n## {title}\n\n" + block + "\n"
-    DOC.write_text(doc, encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -2,15 +2,19 @@
 text around them is kept)."""
 import json
 import platform
+import sys
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report_blocks import write_between_markers  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "outputs" / "bench"
 MARKERS = ("<!-- zero_stages_and_eval_speed: begin (written by bench/zero_stages_and_eval_speed_report.py) -->",
            "<!-- zero_stages_and_eval_speed: end -->")
-lines = [MARKERS[0], f"Measured by `bash bench/zero_stages_and_eval_speed.sh` on {platform.machine()}, "
+lines = [f"Measured by `bash bench/zero_stages_and_eval_speed.sh` on {platform.machine()}, "
          f"{torch.get_num_threads()} threads visible, torch {torch.__version__}, no GPU. SmolLM2-135M-Instruct, "
          "RAFT twitter_complaints. Peak memory is each process's peak resident memory on the CPU.", "",
          "### Training under DeepSpeed, 2 processes x 4 sequences, LoRA r=8 on q_proj,v_proj, fp32", "",
@@ -26,13 +30,5 @@ for name, classes in (("eval_rank", 2), ("eval_generate", 2), ("test_twitter", 2
     accuracy = f"{m['accuracy']:.4f}" if "accuracy" in m else "- (unlabelled)"
     lines.append(f"| {m['source']} | {m['method']} | {m['rows']} | {classes} | {m['examples_per_second']} | "
                  f"{m['peak_memory_gb']:.2f} GB | {accuracy} |")
-lines.append(MARKERS[1])
-doc = ROOT / "docs" / "benchmarks.md"
-text = doc.read_text() if doc.is_file() else "# Benchmarks\n\n"
-if MARKERS[0] in text and MARKERS[1] in text:
-    before, rest = text.split(MARKERS[0], 1)
-    text = before + "\n".join(lines) + rest.split(MARKERS[1], 1)[1]
-else:
-    text = text.rstrip("\n") + "\n\n" + "\n".join(lines) + "\n"
-doc.write_text(text)
+write_between_markers("\n".join(lines), MARKERS)
 print("\n".join(lines))

@@ -26,7 +26,7 @@ from peft_tuner.errors import PeftTunerError
 
 CONFIG_FILE = "run_config.yaml"
 ADAPTER_DIR = "adapter"
-BEST_ADAPTER_DIR = "best_adapter"  # the adapter at the best evaluation so far (train.eval_steps / eval_each_epoch)
+BEST_ADAPTER_DIR = "best_adapter"  # the adapter at the best evaluation so far (train.eval_steps / eval_epochs / eval_each_epoch)
 CHECKPOINT_DIR = "checkpoints"
 TASK_FILE = "peft_tuner_task.json"
 ADAPTER_CONFIG_FILE = "peft_tuner_config.yaml"

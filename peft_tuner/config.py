@@ -109,6 +109,7 @@ class TrainConfig:
                                    "Under accelerate launch, its YAML's zero3_init_flag decides.")
     eval_each_epoch: bool = _help(False, "Evaluate data.eval_file after every epoch: accuracy (classification), loss and perplexity (text, completion, chat).")
     eval_steps: int = _help(0, "Evaluate as eval_each_epoch does every N optimizer steps too (0: off).")
+    eval_epochs: int = _help(0, "Evaluate as eval_each_epoch does after every N-th epoch and after the last (0: off; 1 is eval_each_epoch).")
     early_stopping_patience: int = _help(0, "Stop after N evaluations in a row without a better eval.metric_for_best; the best adapter is kept in output_dir/best_adapter (0: off).")
     report_to: list[str] = _help([], "Experiment trackers besides train_log.jsonl: tensorboard (event files in output_dir/tensorboard), mlflow (output_dir/mlruns, or MLFLOW_TRACKING_URI), wandb (offline, output_dir/wandb).")
     verify_adapter: bool = _help(True, "After saving, reload the adapter on rank 0 and check it reproduces the trained logits.")
@@ -168,6 +169,22 @@ def metric_for_best(cfg: Config) -> tuple[str, bool]:
     """The metric that marks the best evaluation during training, and whether higher is better."""
     name = cfg.eval.metric_for_best or ("accuracy" if cfg.data.task == "classification" else "eval_loss")
     return name, name == "accuracy"
+
+
+def evaluates_during_training(cfg: Config) -> bool:
+    return cfg.train.eval_each_epoch or cfg.train.eval_steps > 0 or cfg.train.eval_epochs > 0
+
+
+def evaluates_after_step(cfg: Config, done: int, steps_per_epoch: int) -> bool:
+    """Whether training evaluates after its `done`-th optimizer step: every train.eval_steps steps, at the end of every
+    epoch (train.eval_each_epoch) or of every train.eval_epochs-th epoch and the last."""
+    if cfg.train.eval_steps and done % cfg.train.eval_steps == 0:
+        return True
+    if done % steps_per_epoch:
+        return False
+    epoch = done // steps_per_epoch
+    return cfg.train.eval_each_epoch or (cfg.train.eval_epochs > 0 and (epoch % cfg.train.eval_epochs == 0 or
+                                                                          epoch == cfg.train.epochs))
 
 
 def eval_new_tokens(cfg: Config) -> int:
@@ -459,8 +476,10 @@ def validate(cfg: Config) -> list[str]:
     check(cfg.train.log_steps >= 1, "train.log_steps: must be >= 1")
     check(cfg.train.eval_steps >= 0, "train.eval_steps: must be >= 0 (0: evaluate only with train.eval_each_epoch)")
     check(cfg.train.early_stopping_patience >= 0, "train.early_stopping_patience: must be >= 0 (0: off)")
-    check(not (cfg.train.early_stopping_patience and not (cfg.train.eval_steps or cfg.train.eval_each_epoch)),
-          "train.early_stopping_patience: needs evaluations to compare; set train.eval_steps=N or train.eval_each_epoch=true")
+    check(cfg.train.eval_epochs >= 0, "train.eval_epochs: must be >= 0 (0: off)")
+    check(not (cfg.train.early_stopping_patience and not evaluates_during_training(cfg)),
+          "train.early_stopping_patience: needs evaluations to compare; set train.eval_steps=N, train.eval_epochs=N or "
+          "train.eval_each_epoch=true")
     for tracker in cfg.train.report_to:
         check(tracker in TRACKERS, f"train.report_to: '{tracker}' is not one of {', '.join(TRACKERS)}")
     if cfg.eval.metric_for_best is not None:

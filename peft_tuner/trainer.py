@@ -20,7 +20,7 @@ import torch
 from peft_tuner import checkpoint as ckpt
 from peft_tuner import distributed as dist
 from peft_tuner import ds_config as ds_config_for
-from peft_tuner.config import Config, ConfigError, metric_for_best
+from peft_tuner.config import Config, ConfigError, evaluates_after_step, evaluates_during_training, metric_for_best
 from peft_tuner.data import (IGNORE_INDEX, DataError, Encoder, SftEncoder, build_sft_task, build_task, collate,
                              collate_padding_free, encode_sft_rows, encode_training_rows, prepare_split, read_table,
                              real_tokens, sft_rows, text_blocks)
@@ -182,8 +182,8 @@ def setup_data(cfg: Config, tokenizer) -> Optional[TrainData]:
         elif cfg.data.task != "text":
             prepare_split(build_task(cfg.data, table), table, cfg.data, require_labels=True)
         return None
-    evaluates = cfg.train.eval_each_epoch or cfg.train.eval_steps > 0
-    key = "train.eval_each_epoch" if cfg.train.eval_each_epoch else "train.eval_steps"
+    evaluates = evaluates_during_training(cfg)
+    key = next((f"train.{k}" for k in ("eval_each_epoch", "eval_epochs", "eval_steps") if getattr(cfg.train, k)), None)
     if cfg.data.task == "text":
         eval_blocks = []
         if evaluates:
@@ -334,8 +334,7 @@ def fit(engine, cfg: Config, data: TrainData, tokenizer, log: "RunLog", global_b
                                          tok_s=f"{record['tokens_per_second']:.0f}", mem=f"{record['peak_memory_gb']:.2f}GB")
             if progress is not None:
                 progress.update(1)
-            if (cfg.train.eval_steps and done % cfg.train.eval_steps == 0) or \
-                    (cfg.train.eval_each_epoch and done % steps_per_epoch == 0):
+            if evaluates_after_step(cfg, done, steps_per_epoch):
                 metrics, said = evaluate_during_training(engine, cfg, data, tokenizer)
                 log.record({"event": "eval", "epoch": epoch + 1, "step": done, **metrics})
                 if progress is not None:

@@ -176,3 +176,22 @@ def test_eval_dtype_auto_is_bf16_only_where_the_machine_computes_it(monkeypatch)
     assert modeling.eval_dtype(load_config(str(ROOT / "configs" / "wikitext2_lora.yaml"))) == "fp32"  # unset: model.dtype
     with pytest.raises(ConfigError, match="eval.dtype: 'bf8' is not one of fp32, bf16, fp16, auto"):
         load_config(str(RECIPES[0]), ["eval.dtype=bf8"])
+
+
+def test_training_evaluates_after_the_steps_and_epochs_the_config_names():
+    """train.eval_epochs=N: after every N-th epoch and the last; eval_each_epoch: every epoch; eval_steps: every N steps."""
+    from peft_tuner.config import evaluates_after_step
+
+    recipe = str(ROOT / "configs" / "twitter_complaints_smollm2.yaml")
+    steps_per_epoch, epochs = 3, 5
+
+    def evaluated(*overrides):
+        cfg = load_config(recipe, [f"train.epochs={epochs}", *overrides])
+        return [done for done in range(1, steps_per_epoch * epochs + 1) if evaluates_after_step(cfg, done, steps_per_epoch)]
+
+    assert evaluated() == []
+    assert evaluated("train.eval_epochs=2") == [6, 12, 15]
+    assert evaluated("train.eval_epochs=1") == evaluated("train.eval_each_epoch=true") == [3, 6, 9, 12, 15]
+    assert evaluated("train.eval_steps=4") == [4, 8, 12]
+    with pytest.raises(ConfigError, match="train.eval_epochs"):
+        load_config(recipe, ["train.eval_epochs=-1"])
