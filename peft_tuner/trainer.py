@@ -302,13 +302,12 @@ def fit(engine, cfg: Config, data: TrainData, tokenizer, log: "RunLog", global_b
                 raise SystemExit(143)
             loss_sum = 0.0
             for k, batch in enumerate(batches):
-                batch = {key: value.to(dist.device()) for key, value in batch.items()}
-                summed = token_loss_sum(engine, batch, pass_positions)
+                summed = token_loss_sum(engine, batch, pass_positions, dist.device())
                 engine.backward(summed * (world * accumulation) / max(global_tokens, 1))
-                loss_sum += float(summed.detach())
+                loss_sum = loss_sum + summed.detach()  # stays on the device until the step's end
                 if k == accumulation - 1:
                     # Agree on the step's loss before the optimizer moves: a non-finite one must not touch the weights.
-                    (loss_total,) = dist.all_reduce([loss_sum])
+                    (loss_total,) = dist.all_reduce([float(loss_sum)])
                     last_loss = loss_total / max(global_tokens, 1)
                     if not math.isfinite(last_loss):
                         latest = ckpt.find_latest_checkpoint(cfg)
@@ -433,17 +432,19 @@ def eval_autocast(cfg: Config):
     return contextlib.nullcontext()
 
 
-def token_loss_sum(engine, batch: dict, pass_positions: bool) -> torch.Tensor:
+def token_loss_sum(engine, batch: dict, pass_positions: bool, device: Optional[torch.device] = None) -> torch.Tensor:
     """Sum of next-token cross-entropy over label tokens (prompt and padding are -100). A padding-free batch has no
-    attention mask: its position ids tell the rows apart. No cache: a training forward never reads one again."""
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}
+    attention mask: its position ids tell the rows apart. No cache: a training forward never reads one again.
+    With `device`, the batch comes from the host and moves there after its longest row is read: no wait on the device."""
+    moved = {k: v.to(device) for k, v in batch.items()} if device is not None else batch
+    inputs = {k: moved[k] for k in ("input_ids", "attention_mask") if k in moved}
     if pass_positions:
-        inputs["position_ids"] = batch["position_ids"]
+        inputs["position_ids"] = moved["position_ids"]
         if "cu_seq_lens" in batch:  # the rows' boundaries, for attention that runs row by row
             longest = int((batch["cu_seq_lens"][1:] - batch["cu_seq_lens"][:-1]).max())
-            inputs.update(cu_seq_lens_q=batch["cu_seq_lens"], cu_seq_lens_k=batch["cu_seq_lens"],
+            inputs.update(cu_seq_lens_q=moved["cu_seq_lens"], cu_seq_lens_k=moved["cu_seq_lens"],
                           max_length_q=longest, max_length_k=longest)
-    losses, _ = label_token_losses(engine, {**inputs, "use_cache": False}, batch["labels"])
+    losses, _ = label_token_losses(engine, {**inputs, "use_cache": False}, moved["labels"])
     return losses.sum()
 
 
@@ -458,7 +459,7 @@ def check_padding_free(model, examples: list[dict], pad: int, dtype: str) -> Non
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        padded, flat = (float(token_loss_sum(model, {k: v.to(dist.device()) for k, v in batch.items()}, True))
+        padded, flat = (float(token_loss_sum(model, batch, True, dist.device()))
                         for batch in (collate(rows, pad), collate_padding_free(rows)))
     model.train(was_training)
     if not math.isclose(padded, flat, rel_tol=1e-5 if dtype == "fp32" else 5e-3):

@@ -1,0 +1,101 @@
+"""Which step settings pay for the default recipe's training step on this machine: torch.compile of the decoder
+(inductor, dynamic shapes) and AdamW's fused kernel, against the eager step with the plain AdamW the trainer uses.
+One process, the recipe's micro-batches of 4 RAFT twitter_complaints rows as the trainer builds them (padding-free,
+attention row by row on the CPU), LoRA r=8 on every linear layer of SmolLM2-135M-Instruct; each setting in a fresh
+process, the same 12 batches: the first step (compilation included) and the median of the last 10.
+
+    OMP_NUM_THREADS=2 .venv/bin/python bench/step_options.py            # about 15 minutes on a 2-core CPU
+
+Writes its table to docs/benchmarks.md between the step_options markers.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from report_blocks import cpu_name, write_between_markers  # noqa: E402  (bench/ is the script's folder)
+
+MARKERS = ("<!-- step_options: begin (written by bench/step_options.py) -->", "<!-- step_options: end -->")
+TITLE = "Step settings: torch.compile and fused AdamW"
+SETTINGS = {"eager": "eager, torch.optim.AdamW (the trainer's)", "fused-adamw": "eager, AdamW(fused=True)",
+            "compile": "torch.compile(decoder, dynamic=True), torch.optim.AdamW"}
+
+
+def one(setting: str, recipe: str, steps: int) -> dict:
+    """Time `steps` + 2 training steps under one setting, in this process."""
+    import torch
+
+    from peft_tuner.config import load_config
+    from peft_tuner.data import Encoder, build_task, collate, collate_padding_free, encode_training_rows, prepare_split, read_table
+    from peft_tuner.modeling import attend_row_by_row, build_peft_model, load_base_model, load_tokenizer
+    from peft_tuner.trainer import token_loss_sum
+
+    cfg = load_config(recipe)
+    tokenizer = load_tokenizer(cfg.model)
+    table = read_table(cfg.data.train_file, "train")
+    task = build_task(cfg.data, table)
+    examples = encode_training_rows(Encoder(tokenizer, task, cfg.data.max_length),
+                                    prepare_split(task, table, cfg.data, require_labels=True).rows)[0]
+    torch.manual_seed(0)
+    model = build_peft_model(load_base_model(cfg.model), cfg.peft, cfg.model, total_steps=100)
+    if cfg.train.padding_free:
+        attend_row_by_row(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.train.learning_rate, fused=setting == "fused-adamw" or None)
+    if setting == "compile":
+        decoder = model.get_base_model().model
+        model.get_base_model().model = torch.compile(decoder, dynamic=True)
+    model.train()
+    micro = cfg.train.batch_size
+    seconds = []
+    for step in range(steps + 2):
+        rows = [examples[(step * micro + i) % len(examples)] for i in range(micro)]
+        batch = collate_padding_free(rows) if cfg.train.padding_free else collate(rows, tokenizer.pad_token_id)
+        began = time.perf_counter()
+        token_loss_sum(model, batch, pass_positions=True).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        seconds.append(time.perf_counter() - began)
+    return {"setting": setting, "first_step_seconds": seconds[0], "median_step_seconds": statistics.median(seconds[2:]),
+            "threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", default=str(ROOT / "configs" / "twitter_complaints_smollm2.yaml"))
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--one", choices=list(SETTINGS), help=argparse.SUPPRESS)  # the child process
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(one(args.one, args.recipe, args.steps)))
+        return
+
+    results = []
+    for setting in args.settings:
+        out = subprocess.run([sys.executable, __file__, "--one", setting, "--recipe", args.recipe, "--steps", str(args.steps)],
+                             capture_output=True, text=True, check=True)
+        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(results[-1], flush=True)
+    eager = next((r["median_step_seconds"] for r in results if r["setting"] == "eager"), None)
+    lines = [f"Run {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%dT%H:%M:%SZ}: `OMP_NUM_THREADS={results[0]['threads']} "
+             f"python bench/step_options.py{''.join(' ' + a for a in sys.argv[1:])}` on {cpu_name()} ({results[0]['threads']} threads), torch {results[0]['torch']}; "
+             f"the recipe `{Path(args.recipe).relative_to(ROOT)}`, 1 process, micro-batches of its 4 rows.", "",
+             "| setting | first step (s) | median step after it (s) | eager / this |", "|---|---|---|---|"]
+    for r in results:
+        ratio = f"{eager / r['median_step_seconds']:.2f}x" if eager else "-"
+        lines.append(f"| {SETTINGS[r['setting']]} | {r['first_step_seconds']:.1f} | {r['median_step_seconds']:.3f} | {ratio} |")
+    print("\n".join(lines))
+    write_between_markers("\n".join(lines), MARKERS, title=TITLE)
+
+
+if __name__ == "__main__":
+    main()
