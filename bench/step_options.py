@@ -33,32 +33,20 @@ def one(setting: str, recipe: str, steps: int) -> dict:
     """Time `steps` + 2 training steps under one setting, in this process."""
     import torch
 
-    from peft_tuner.config import load_config
-    from peft_tuner.data import Encoder, build_task, collate, collate_padding_free, encode_training_rows, prepare_split, read_table
-    from peft_tuner.modeling import attend_row_by_row, build_peft_model, load_base_model, load_tokenizer
     from peft_tuner.trainer import token_loss_sum
+    from recipe_model import micro_batch, recipe_rows_and_model
 
-    cfg = load_config(recipe)
-    tokenizer = load_tokenizer(cfg.model)
-    table = read_table(cfg.data.train_file, "train")
-    task = build_task(cfg.data, table)
-    examples = encode_training_rows(Encoder(tokenizer, task, cfg.data.max_length),
-                                    prepare_split(task, table, cfg.data, require_labels=True).rows)[0]
-    torch.manual_seed(0)
-    model = build_peft_model(load_base_model(cfg.model), cfg.peft, cfg.model, total_steps=100)
-    if cfg.train.padding_free:
-        attend_row_by_row(model)
+    cfg, tokenizer, examples, model = recipe_rows_and_model(recipe)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.train.learning_rate, fused=setting == "fused-adamw" or None)
     if setting == "compile":
         decoder = model.get_base_model().model
         model.get_base_model().model = torch.compile(decoder, dynamic=True)
-    model.train()
     micro = cfg.train.batch_size
     seconds = []
     for step in range(steps + 2):
         rows = [examples[(step * micro + i) % len(examples)] for i in range(micro)]
-        batch = collate_padding_free(rows) if cfg.train.padding_free else collate(rows, tokenizer.pad_token_id)
+        batch = micro_batch(cfg, tokenizer, rows)
         began = time.perf_counter()
         token_loss_sum(model, batch, pass_positions=True).backward()
         optimizer.step()

@@ -23,10 +23,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from peft_tuner.config import load_config  # noqa: E402
-from peft_tuner.data import Encoder, build_task, collate, collate_padding_free, encode_training_rows, prepare_split, read_table  # noqa: E402
-from peft_tuner.modeling import attend_row_by_row, build_peft_model, load_base_model, load_tokenizer  # noqa: E402
 from peft_tuner.trainer import token_loss_sum  # noqa: E402
+from recipe_model import micro_batch, recipe_rows_and_model  # noqa: E402  (bench/ is the script's folder)
 from report_blocks import cpu_name, write_between_markers  # noqa: E402  (bench/ is the script's folder)
 
 MARKERS = ("<!-- teacher_batching: begin (written by bench/teacher_batching.py) -->", "<!-- teacher_batching: end -->")
@@ -40,18 +38,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per batch size (after one warm-up step)")
     args = parser.parse_args()
 
-    cfg = load_config(args.recipe)
-    tokenizer = load_tokenizer(cfg.model)
-    table = read_table(cfg.data.train_file, "train")
-    task = build_task(cfg.data, table)
-    examples = encode_training_rows(Encoder(tokenizer, task, cfg.data.max_length),
-                                    prepare_split(task, table, cfg.data, require_labels=True).rows)[0]
-    torch.manual_seed(0)
-    model = build_peft_model(load_base_model(cfg.model), cfg.peft, cfg.model, total_steps=100)
-    if cfg.train.padding_free:  # micro-batches as the trainer makes them
-        attend_row_by_row(model)
+    cfg, tokenizer, examples, model = recipe_rows_and_model(args.recipe)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.train.learning_rate)
-    model.train()
 
     rows = []
     for teachers in args.teachers:
@@ -59,7 +47,7 @@ def main() -> None:
         seconds = []
         for step in range(args.steps + 1):
             chosen = [examples[(step * micro + i) % len(examples)] for i in range(micro)]
-            batch = collate_padding_free(chosen) if cfg.train.padding_free else collate(chosen, tokenizer.pad_token_id)
+            batch = micro_batch(cfg, tokenizer, chosen)
             began = time.perf_counter()
             token_loss_sum(model, batch, pass_positions=True).backward()
             optimizer.step()
