@@ -474,7 +474,7 @@ def validate(cfg: Config) -> list[str]:
     check(cfg.train.checkpoint_steps >= 0, "train.checkpoint_steps: must be >= 0")
     check(cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints: must be >= 1")
     check(cfg.train.log_steps >= 1, "train.log_steps: must be >= 1")
-    check(cfg.train.eval_steps >= 0, "train.eval_steps: must be >= 0 (0: evaluate only with train.eval_each_epoch)")
+    check(cfg.train.eval_steps >= 0, "train.eval_steps: must be >= 0 (0: off)")
     check(cfg.train.early_stopping_patience >= 0, "train.early_stopping_patience: must be >= 0 (0: off)")
     check(cfg.train.eval_epochs >= 0, "train.eval_epochs: must be >= 0 (0: off)")
     check(not (cfg.train.early_stopping_patience and not evaluates_during_training(cfg)),

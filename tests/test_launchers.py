@@ -89,13 +89,18 @@ def test_zero3_on_two_processes_matches_one_process(trained):
 
 
 LEAVE_GROUP = """
-import os, sys
+import os, sys, time
 from peft_tuner import distributed as dist
 from transformers import LlamaConfig, LlamaForCausalLM
 
 def threads():  # the process group's threads (gloo's); other libraries' own threads (jemalloc's, say) do not count
-    names = [open(f"/proc/self/task/{t}/comm").read() for t in os.listdir("/proc/self/task")]
-    return sum("gloo" in name for name in names)
+    count = 0
+    for task in os.listdir("/proc/self/task"):
+        try:
+            count += "gloo" in open(f"/proc/self/task/{task}/comm").read()
+        except FileNotFoundError:  # a thread that ended since the listing
+            pass
+    return count
 
 before = threads()
 dist.init_distributed()
@@ -104,6 +109,9 @@ LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32
 during = threads()
 dist.all_gather_objects([1])
 dist.shutdown()
+deadline = time.time() + 5  # a stopped thread can take a moment to end on a busy machine; a leaked one never does
+while threads() > before and time.time() < deadline:
+    time.sleep(0.05)
 print(before, during, threads())
 """
 
