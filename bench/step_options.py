@@ -21,7 +21,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from report_blocks import cpu_name, write_between_markers  # noqa: E402  (bench/ is the script's folder)
+from recipe_model import DEFAULT_RECIPE  # noqa: E402  (bench/ is the script's folder)
+from report_blocks import cpu_name, write_between_markers  # noqa: E402
 
 MARKERS = ("<!-- step_options: begin (written by bench/step_options.py) -->", "<!-- step_options: end -->")
 TITLE = "Step settings: torch.compile and fused AdamW"
@@ -58,7 +59,7 @@ def one(setting: str, recipe: str, steps: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipe", default=str(ROOT / "configs" / "twitter_complaints_smollm2.yaml"))
+    parser.add_argument("--recipe", default=str(DEFAULT_RECIPE))
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--one", choices=list(SETTINGS), help=argparse.SUPPRESS)  # the child process

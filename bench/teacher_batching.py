@@ -24,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from peft_tuner.trainer import token_loss_sum  # noqa: E402
-from recipe_model import micro_batch, recipe_rows_and_model  # noqa: E402  (bench/ is the script's folder)
+from recipe_model import DEFAULT_RECIPE, micro_batch, recipe_rows_and_model  # noqa: E402  (bench/ is the script's folder)
 from report_blocks import cpu_name, write_between_markers  # noqa: E402  (bench/ is the script's folder)
 
 MARKERS = ("<!-- teacher_batching: begin (written by bench/teacher_batching.py) -->", "<!-- teacher_batching: end -->")
@@ -33,7 +33,7 @@ TITLE = "Training the distillation teachers together: the most it could save"
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipe", default=str(ROOT / "configs" / "twitter_complaints_smollm2.yaml"))
+    parser.add_argument("--recipe", default=str(DEFAULT_RECIPE))
     parser.add_argument("--teachers", type=int, nargs="+", default=[1, 2, 3, 6])
     parser.add_argument("--steps", type=int, default=5, help="timed steps per batch size (after one warm-up step)")
     args = parser.parse_args()
