@@ -74,7 +74,23 @@ def init_distributed() -> str:
         free_orphaned_shared_memory()
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    else:
+        share_cores_between_local_ranks()
     return launcher
+
+
+def share_cores_between_local_ranks() -> int:
+    """CPU training: each process on a node takes its share of the cores torch would use alone, unless
+    OMP_NUM_THREADS says otherwise (torchrun sets 1 for several processes; the deepspeed launcher and mpirun set
+    nothing, and 2 processes of 2 threads on 2 cores made a step many times slower). Returns the threads used."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        hosts = all_gather_objects(socket.gethostname())
+        torch.set_num_threads(threads_per_process(torch.get_num_threads(), hosts.count(hosts[rank()])))
+    return torch.get_num_threads()
+
+
+def threads_per_process(cores: int, local_processes: int) -> int:
+    return max(1, cores // max(1, local_processes))
 
 
 def check_shared_folder(folder: Path) -> None:

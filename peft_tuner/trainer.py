@@ -89,14 +89,16 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, problems: 
     trackers = open_trackers(cfg.train.report_to, Path(cfg.output_dir), cfg.to_dict(), resume) if dist.is_main() else []
     log = RunLog(Path(cfg.output_dir) / "train_log.jsonl", append=resume, trackers=trackers)
     tokenized = "tokenized: from cache" if data.from_cache else "tokenized"
+    threads = f", {torch.get_num_threads()} CPU thread(s) each" if dist.device().type == "cpu" else ""
     log.line(f"peft-tuner train | model {cfg.model.name_or_path} | method {cfg.peft.method} | trainable "
              f"{trainable:,} of {total:,} ({100 * trainable / total:.3f}%) | launcher {launcher}, {world} process(es), "
-             f"ZeRO-{stage} ({ds_source}) | {data.rows} rows ({data.dropped_empty} dropped, {data.truncated} cut "
+             f"ZeRO-{stage} ({ds_source}){threads} | {data.rows} rows ({data.dropped_empty} dropped, {data.truncated} cut "
              f"to max_length={cfg.data.max_length}; {tokenized}) | global batch {global_batch} = {cfg.train.batch_size} x "
              f"{cfg.train.gradient_accumulation} accumulation x {world} | {steps_per_epoch} steps/epoch x "
              f"{cfg.train.epochs} epochs = {total_steps} steps" + (f" | resuming after step {start_step}" if start_step else ""))
     log.record({"event": "start", "model": cfg.model.name_or_path, "method": cfg.peft.method, "trainable_params": trainable,
-                "total_params": total, "world_size": world, "zero_stage": stage, "launcher": launcher, "rows": data.rows,
+                "total_params": total, "world_size": world, "zero_stage": stage, "launcher": launcher,
+                "cpu_threads": torch.get_num_threads(), "rows": data.rows,
                 "dropped_empty": data.dropped_empty, "truncated": data.truncated, "tokenized_from_cache": data.from_cache,
                 "total_steps": total_steps,
                 "start_step": start_step})
@@ -325,7 +327,8 @@ def fit(engine, cfg: Config, data: TrainData, tokenizer, log: "RunLog", global_b
             done = step + 1
             if done % cfg.train.log_steps == 0 or done == total_steps:
                 record = {"event": "step", "step": done, "epoch": epoch + 1, "loss": last_loss,
-                          "learning_rate": learning_rate, "tokens_per_second": global_seen / elapsed,
+                          "learning_rate": learning_rate, "tokens": int(global_seen), "label_tokens": int(global_tokens),
+                          "tokens_per_second": global_seen / elapsed,
                           "step_seconds": elapsed, "peak_memory_gb": dist.peak_memory_gb()}
                 log.record(record)
                 if progress is not None:

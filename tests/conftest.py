@@ -179,6 +179,7 @@ def launch_command(launcher: str, script: str = "launch/train.py", stage: int = 
 def run(cmd: list[str], timeout: int = 300, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false",
                 "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env = {k: v for k, v in full_env.items() if v is not None}  # env={"NAME": None} leaves NAME unset
     # Its own process group, killed whole on timeout or Ctrl-C: a launcher's workers outliving the test would load the
     # machine (or hold an op-build lock) for the rest of the suite.
     with subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -221,7 +222,9 @@ def trained(tmp_path_factory, tiny_models, data_dir):
             cmd = launch_command(launcher, stage=stage) + [str(recipe), *(e.format(data=data_dir) for e in extra)]
             if launcher not in ("python", "accelerate"):
                 cmd += ["--deepspeed", ds_config(ds_file or f"zero{stage}.json")]
-            proc = run(cmd, timeout=420)
+            # The deepspeed launcher sets no thread count (each process would take every core): its runs leave
+            # OMP_NUM_THREADS unset, and the processes share the cores themselves.
+            proc = run(cmd, timeout=420, env={"OMP_NUM_THREADS": None} if launcher == "deepspeed" else None)
             cache[key] = (out / "run", proc)
         return cache[key]
 

@@ -52,6 +52,11 @@ def test_launcher_trains_and_saves_a_loadable_adapter(trained, tiny_models, data
     assert (s["world_size"], s["zero_stage"]) == (2, stage)
     assert s["adapter_max_logit_diff"] < 1e-4
     assert proc.stdout.count("peft-tuner train |") == 1  # rank 0 alone reports
+    if launcher == "deepspeed":  # no OMP_NUM_THREADS: the 2 processes on this machine take half the cores each
+        alone = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"], check=True,
+                               capture_output=True, text=True, env={k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"})
+        start = next(r for r in records(out) if r["event"] == "start")
+        assert start["cpu_threads"] == max(1, int(alone.stdout) // 2), (start["cpu_threads"], alone.stdout)
     if "train.eval_each_epoch=true" in extra:
         # the accuracy after the last epoch, measured inside the partitioned ZeRO-3 engine, is what evaluate measures
         # on the saved adapter (the 8 rows of dev.csv)

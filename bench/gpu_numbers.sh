@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The GPU numbers in one run, on a CUDA machine (run on purpose there; CI has no GPU): the pipeline check
+# (bench/gpu_check.sh), then the model FLOPs utilization of our training step (bench/step_mfu.py) on a random Llama of
+# 1.1B parameters, bf16, LoRA r=16 on every linear layer, on twitter_complaints rows and WikiText-2 blocks; with
+# WITH_8B=1 also a Llama-3-8B shape under ZeRO-3 on WikiText-2 blocks.
+#   bash bench/gpu_numbers.sh DATA_ROOT [OUT_DIR]    (DATA_ROOT holds raft/twitter_complaints/ and wikitext-2/)
+# A machine without network access needs the locked packages it lacks as wheels, made beside the project first:
+#   .venv/bin/pip download --no-deps -d WHEELS transformers==5.23.0 peft==0.21.2 accelerate==1.15.0
+#   .venv/bin/pip wheel --no-deps -w WHEELS deepspeed==0.19.8
+# and there `pip install --no-index --no-deps --target SITE WHEELS/*.whl` with PYTHONPATH=SITE.
+# Output: OUT_DIR/*.log; bench/results/step_mfu.jsonl and the step_mfu table of docs/benchmarks.md.
+# A trial of the script's steps on a CPU: ALLOW_CPU=1 LAYERS=2 DTYPE=fp32 PY=.venv/bin/python bash bench/gpu_numbers.sh ...
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATA_ROOT=$(realpath "${1:?give the folder that holds raft/twitter_complaints/ and wikitext-2/}")
+OUT=${2:-outputs/gpu_numbers}
+PY=${PY:-python3}
+export PY
+mkdir -p "$OUT"
+bash bench/gpu_check.sh "$DATA_ROOT/raft/twitter_complaints" "$OUT/gpu_check" 2>&1 | tee "$OUT/gpu_check.log"
+MFU=(--dtype "${DTYPE:-bf16}" --data "$DATA_ROOT" ${LAYERS:+--layers "$LAYERS"})
+$PY bench/step_mfu.py --models llama-1b "${MFU[@]}" 2>&1 | tee "$OUT/step_mfu_1b.log"
+if [ "${WITH_8B:-}" = 1 ]; then
+  $PY bench/step_mfu.py --models llama-8b --zero3 --workloads wikitext "${MFU[@]}" 2>&1 | tee "$OUT/step_mfu_8b.log"
+fi
+echo "gpu numbers: done; the table is in docs/benchmarks.md (step_mfu)"
