@@ -4,10 +4,14 @@
 # 1.1B parameters, bf16, LoRA r=16 on every linear layer, on twitter_complaints rows and WikiText-2 blocks; with
 # WITH_8B=1 also a Llama-3-8B shape under ZeRO-3 on WikiText-2 blocks.
 #   bash bench/gpu_numbers.sh DATA_ROOT [OUT_DIR]    (DATA_ROOT holds raft/twitter_complaints/ and wikitext-2/)
-# A machine without network access needs the locked packages it lacks as wheels, made beside the project first:
-#   .venv/bin/pip download --no-deps -d WHEELS transformers==5.23.0 peft==0.21.2 accelerate==1.15.0
+# A machine without network access needs the locked packages it lacks as wheels, made beside the project first (for
+# its Python, here 3.12; the versions this project's .venv holds):
+#   .venv/bin/pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 -d WHEELS \
+#     transformers==5.23.0 peft==0.21.2 accelerate==1.15.0 hjson==3.1.0 pydantic==2.14.4 pydantic-core==2.50.5 \
+#     annotated-types==0.8.0 typing-inspection==0.4.5
 #   .venv/bin/pip wheel --no-deps -w WHEELS deepspeed==0.19.8
-# and there `pip install --no-index --no-deps --target SITE WHEELS/*.whl` with PYTHONPATH=SITE.
+# and there `pip install --no-index --no-deps --target SITE WHEELS/*.whl` with PYTHONPATH=SITE (torch, tokenizers,
+# safetensors and huggingface-hub of a recent image do).
 # Output: OUT_DIR/*.log; bench/results/step_mfu.jsonl and the step_mfu table of docs/benchmarks.md.
 # A trial of the script's steps on a CPU: ALLOW_CPU=1 LAYERS=2 DTYPE=fp32 PY=.venv/bin/python bash bench/gpu_numbers.sh ...
 set -euo pipefail
