@@ -121,6 +121,16 @@ print(before, during, threads())
 """
 
 
+def test_deepspeed_comes_up_without_mlflow_and_mlflow_still_imports_after():
+    """DeepSpeed's autotuner imports mlflow when its module loads (seconds and about 100 MB a process); our import of
+    deepspeed skips that, and mlflow (train.report_to) imports as before afterwards."""
+    code = ("import sys; from peft_tuner.distributed import import_deepspeed; ds = import_deepspeed(); "
+            "print('mlflow' in sys.modules, ds.__name__); import mlflow; print(mlflow.__name__ in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    assert proc.stdout.split() == ["False", "deepspeed", "True"], proc.stdout + proc.stderr
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc")
 def test_leaving_the_process_group_stops_its_threads():
     """Modules that capture the world group in default arguments kept it alive after destroy_process_group; its gloo
