@@ -6,6 +6,7 @@ cpu_cleanup.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import resource
 import socket
@@ -58,7 +59,7 @@ def init_distributed() -> str:
     # destroy_process_group cannot free it, gloo's worker threads live on into interpreter shutdown, and one of them,
     # dropping its last finished work, asks for the GIL there and aborts the process ("terminate called without an
     # active exception", in a few runs out of a hundred). Imported first, the defaults are None.
-    import_deepspeed()
+    deepspeed = import_deepspeed()
     import torch.distributed.nn  # noqa: F401
 
     if launcher == "python" and not torch.distributed.is_initialized():
@@ -101,7 +102,7 @@ def import_deepspeed():
     if "deepspeed" not in sys.modules and "mlflow" not in sys.modules:
         sys.modules["mlflow"] = None  # `import mlflow` raises ImportError, which the autotuner catches
         try:
-            import deepspeed
+            importlib.import_module("deepspeed")
         finally:
             del sys.modules["mlflow"]
     import deepspeed
