@@ -94,6 +94,10 @@ class TrainConfig:
     weight_decay: float = _help(0.0, "AdamW weight decay.")
     batch_size: int = _help(8, "Micro-batch per process (DeepSpeed's train_micro_batch_size_per_gpu).")
     gradient_accumulation: int = _help(1, "Micro-batches per optimizer step.")
+    autocast: Optional[str] = _help(None, "Run the training forward in bf16 or fp16 under autocast while the weights, "
+                                          "gradients and AdamW stay fp32 (model.dtype): bf16, fp16, or auto (bf16 where this "
+                                          "machine computes it natively: a GPU that supports it, a CPU with AVX-512 BF16 or "
+                                          "AMX; else off); default off.")
     padding_free: bool = _help(False, "Each micro-batch's rows as one sequence without padding: positions restart at "
                                       "each row and attention stays within it; the loss is the padded batch's. Not "
                                       "for prompt learning (virtual tokens lead every row).")
@@ -487,6 +491,11 @@ def validate(cfg: Config) -> list[str]:
         check(cfg.eval.metric_for_best in allowed, f"eval.metric_for_best: '{cfg.eval.metric_for_best}' is not measured "
               f"during training of data.task={cfg.data.task}; use {' or '.join(allowed)}")
     check(cfg.eval.max_new_tokens is None or cfg.eval.max_new_tokens > 0, "eval.max_new_tokens: must be positive")
+    check(cfg.train.autocast in (None, "bf16", "fp16", "auto"),
+          f"train.autocast: '{cfg.train.autocast}' is not one of bf16, fp16, auto")
+    check(cfg.train.autocast is None or cfg.model.dtype == "fp32",
+          f"train.autocast: the weights are already {cfg.model.dtype} (model.dtype); autocast is for fp32 weights: "
+          f"set model.dtype=fp32 or leave train.autocast out")
     check(cfg.eval.dtype in (None, "fp32", "bf16", "fp16", "auto"),
           f"eval.dtype: '{cfg.eval.dtype}' is not one of fp32, bf16, fp16, auto")
     check(cfg.eval.method in ("rank", "generate"), f"eval.method: '{cfg.eval.method}' is not one of rank, generate")

@@ -27,7 +27,7 @@ from peft_tuner.data import (IGNORE_INDEX, DataError, Encoder, SftEncoder, build
 from peft_tuner.errors import PeftTunerError
 from peft_tuner.modeling import (DTYPES, add_neftune_noise, attend_row_by_row, build_peft_model, check_peft_applies,
                                  count_parameters, eval_dtype, is_prompt_learning, keep_adalora_mask, load_base_model,
-                                 load_tokenizer, load_trained_model)
+                                 load_tokenizer, load_trained_model, native_bf16)
 from peft_tuner.scoring import label_token_losses, text_loss_over_ranks
 from peft_tuner.trackers import PREFIXES, check_trackers, numeric, open_trackers
 
@@ -90,15 +90,17 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, problems: 
     log = RunLog(Path(cfg.output_dir) / "train_log.jsonl", append=resume, trackers=trackers)
     tokenized = "tokenized: from cache" if data.from_cache else "tokenized"
     threads = f", {torch.get_num_threads()} CPU thread(s) each" if dist.device().type == "cpu" else ""
+    autocast = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(getattr(train_autocast(cfg), "fast_dtype", None))
     log.line(f"peft-tuner train | model {cfg.model.name_or_path} | method {cfg.peft.method} | trainable "
              f"{trainable:,} of {total:,} ({100 * trainable / total:.3f}%) | launcher {launcher}, {world} process(es), "
              f"ZeRO-{stage} ({ds_source}){threads} | {data.rows} rows ({data.dropped_empty} dropped, {data.truncated} cut "
              f"to max_length={cfg.data.max_length}; {tokenized}) | global batch {global_batch} = {cfg.train.batch_size} x "
              f"{cfg.train.gradient_accumulation} accumulation x {world} | {steps_per_epoch} steps/epoch x "
-             f"{cfg.train.epochs} epochs = {total_steps} steps" + (f" | resuming after step {start_step}" if start_step else ""))
+             f"{cfg.train.epochs} epochs = {total_steps} steps" + (f" | {autocast} autocast" if autocast else "") +
+             (f" | resuming after step {start_step}" if start_step else ""))
     log.record({"event": "start", "model": cfg.model.name_or_path, "method": cfg.peft.method, "trainable_params": trainable,
                 "total_params": total, "world_size": world, "zero_stage": stage, "launcher": launcher,
-                "cpu_threads": torch.get_num_threads(), "rows": data.rows,
+                "cpu_threads": torch.get_num_threads(), "autocast": autocast, "rows": data.rows,
                 "dropped_empty": data.dropped_empty, "truncated": data.truncated, "tokenized_from_cache": data.from_cache,
                 "total_steps": total_steps,
                 "start_step": start_step})
@@ -304,7 +306,8 @@ def fit(engine, cfg: Config, data: TrainData, tokenizer, log: "RunLog", global_b
                 raise SystemExit(143)
             loss_sum = 0.0
             for k, batch in enumerate(batches):
-                summed = token_loss_sum(engine, batch, pass_positions, dist.device())
+                with train_autocast(cfg):
+                    summed = token_loss_sum(engine, batch, pass_positions, dist.device())
                 engine.backward(summed * (world * accumulation) / max(global_tokens, 1))
                 loss_sum = loss_sum + summed.detach()  # stays on the device until the step's end
                 if k == accumulation - 1:
@@ -433,6 +436,17 @@ def eval_autocast(cfg: Config):
     if dtype in ("bf16", "fp16") and cfg.model.dtype == "fp32":
         return torch.autocast(dist.device().type, dtype=DTYPES[dtype])
     return contextlib.nullcontext()
+
+
+def train_autocast(cfg: Config):
+    """The training forward under train.autocast (bf16 / fp16 compute, fp32 weights), `auto` resolved for this machine;
+    the backward follows the dtypes the forward recorded."""
+    import contextlib
+
+    dtype = cfg.train.autocast
+    if dtype == "auto":
+        dtype = "bf16" if native_bf16() else None
+    return torch.autocast(dist.device().type, dtype=DTYPES[dtype]) if dtype else contextlib.nullcontext()
 
 
 def token_loss_sum(engine, batch: dict, pass_positions: bool, device: Optional[torch.device] = None) -> torch.Tensor:

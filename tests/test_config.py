@@ -54,6 +54,27 @@ def test_typos_and_wrong_types_name_the_key(override, message):
         load_config(str(RECIPES[0]), [override])
 
 
+def test_train_autocast_auto_follows_the_machine_and_needs_fp32_weights(monkeypatch):
+    """train.autocast=auto computes the forward in bf16 only where the machine does so natively; autocast over weights
+    already in bf16 / fp16 is refused, as is an unknown dtype."""
+    import torch
+
+    from peft_tuner.trainer import train_autocast
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = load_config(str(RECIPES[0]), ["train.autocast=auto"])
+    for native, expected in ((False, None), (True, torch.bfloat16)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=native: v, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+        assert getattr(train_autocast(cfg), "fast_dtype", None) == expected
+    assert train_autocast(load_config(str(RECIPES[0]), ["train.autocast=fp16"])).fast_dtype == torch.float16
+    assert getattr(train_autocast(load_config(str(RECIPES[0]))), "fast_dtype", None) is None  # off by default
+    with pytest.raises(ConfigError, match="train.autocast: the weights are already bf16"):
+        load_config(str(RECIPES[0]), ["train.autocast=bf16", "model.dtype=bf16"])
+    with pytest.raises(ConfigError, match="train.autocast: 'bf8' is not one of bf16, fp16, auto"):
+        load_config(str(RECIPES[0]), ["train.autocast=bf8"])
+
+
 def test_all_problems_are_reported_together():
     with pytest.raises(ConfigError) as e:
         load_config(str(RECIPES[0]), ["train.lr=1", "peft.method=ia3", "peft.use_dora=true", "train.epochs=0"])

@@ -44,6 +44,7 @@ def runs(tiny_models, data_dir, tmp_path_factory):
         plan.append((f"accumulate{micro}x{accumulation}", tiny_models["llama"],
                      [f"train.batch_size={micro}", f"train.gradient_accumulation={accumulation}", "train.epochs=3"]))
     plan.append(("padding-free8x1", tiny_models["llama"], ["train.batch_size=8", "train.epochs=3", "train.padding_free=true"]))
+    plan.append(("autocast-bf16", tiny_models["llama"], ["train.batch_size=8", "train.epochs=3", "train.autocast=bf16"]))
     plan.append(("adalora", tiny_models["llama"],
                  ["peft.method=adalora", "peft.r=4", "train.epochs=4", f"deepspeed={ds_config('zero0.json')}"]))
     for arch in PINNED:
@@ -91,6 +92,22 @@ def test_padding_free_training_gives_the_losses_of_padded_batches(runs):
               for run in ("padding-free8x1", "accumulate8x1")]
     assert counts[0] == counts[1]  # real tokens and label tokens counted alike, padding left out
     assert all(0 < labels < tokens for tokens, labels in counts[0])
+
+
+def test_bf16_autocast_trains_close_to_fp32_with_fp32_weights(runs):
+    """train.autocast=bf16: the same rows and seed as the fp32 run, the forward in bf16: every step's loss near the fp32
+    one but not equal (bf16 is in use), and the adapter saved in fp32."""
+    from safetensors.torch import load_file
+
+    root, _ = runs
+    fp32, bf16 = step_losses(root / "accumulate8x1"), step_losses(root / "autocast-bf16")
+    assert len(bf16) == len(fp32) == 6 and bf16[-1] < bf16[0]
+    differences = [abs(a - b) for a, b in zip(fp32, bf16)]
+    assert 1e-6 < max(differences) < 0.05, (fp32, bf16)
+    start = next(r for r in records(root / "autocast-bf16") if r["event"] == "start")
+    assert start["autocast"] == "bf16"
+    weights = load_file(str(root / "autocast-bf16" / "adapter" / "adapter_model.safetensors"))
+    assert weights and all(t.dtype == torch.float32 for t in weights.values())
 
 
 @pytest.mark.parametrize("arch,keeps_rows_apart", [("gpt2", True), ("llama", True), ("bloom", False), ("opt", False)])
