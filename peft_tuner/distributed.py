@@ -83,8 +83,9 @@ def init_distributed() -> str:
 
 def share_cores_between_local_ranks() -> int:
     """CPU training: each process on a node takes its share of the cores torch would use alone, unless
-    OMP_NUM_THREADS says otherwise (torchrun sets 1 for several processes; the deepspeed launcher and mpirun set
-    nothing, and 2 processes of 2 threads on 2 cores made a step many times slower). Returns the threads used."""
+    OMP_NUM_THREADS says otherwise (torchrun sets 1 for several processes; the deepspeed launcher sets nothing, and
+    there 2 processes of 2 threads each on 2 cores stepped 1.17-1.19x slower than with the cores shared: SmolLM2
+    recipe, ZeRO-2). Returns the threads used."""
     if "OMP_NUM_THREADS" not in os.environ:
         hosts = all_gather_objects(socket.gethostname())
         torch.set_num_threads(threads_per_process(torch.get_num_threads(), hosts.count(hosts[rank()])))
