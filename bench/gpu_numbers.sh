@@ -11,7 +11,7 @@
 #     annotated-types==0.8.0 typing-inspection==0.4.5
 #   .venv/bin/pip wheel --no-deps -w WHEELS deepspeed==0.19.8
 # and there `pip install --no-index --no-deps --target SITE WHEELS/*.whl` with PYTHONPATH=SITE (torch, tokenizers,
-# safetensors and huggingface-hub of a recent image do).
+# safetensors and huggingface-hub are taken from the machine's own image).
 # Output: OUT_DIR/*.log; bench/results/step_mfu.jsonl and the step_mfu table of docs/benchmarks.md.
 # A trial of the script's steps on a CPU: ALLOW_CPU=1 LAYERS=2 DTYPE=fp32 PY=.venv/bin/python bash bench/gpu_numbers.sh ...
 set -euo pipefail

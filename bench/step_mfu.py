@@ -50,7 +50,6 @@ SHAPES = {
 VOCAB = 32000
 # Dense bf16 tensor-core peaks (no sparsity), TFLOP/s, from the vendors' datasheets (SXM parts).
 DATASHEET_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.1, "A10G": 70.0, "L4": 121.0}
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -70,31 +69,19 @@ def model_folder(name: str, layers: int | None, data: Path, dtype: str) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    tokenizer = wikitext_tokenizer(data)
+    from peft_tuner.modeling import DTYPES
+    from peft_tuner.tiny import build_tokenizer
+
+    # A byte-level BPE of VOCAB tokens trained on WikiText-2 and the twitter rows, as the tiny models' is on a few lines.
+    tokenizer = build_tokenizer(VOCAB, [data / "wikitext-2" / "train.txt", data / "raft" / "twitter_complaints" / "train.csv"])
     config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=4096, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **shape)
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, DTYPES[dtype]))
+        model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
-
-
-def wikitext_tokenizer(data: Path):
-    """A byte-level BPE of VOCAB tokens trained on WikiText-2 train.txt and the twitter rows."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<|endoftext|>", "<s>", "<pad>"]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    files = [data / "wikitext-2" / "train.txt", data / "raft" / "twitter_complaints" / "train.csv"]
-    tok.train([str(f) for f in files], trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<s>", pad_token="<pad>")
 
 
 def linear_weights(folder: Path) -> tuple[int, int]:
@@ -116,22 +103,23 @@ def measured_matmul_tflops(dtype: str) -> float:
     """Best of 5 timed products of two square matrices (4096 on a GPU, 2048 on a CPU) in `dtype`, after a warm-up."""
     import torch
 
+    from peft_tuner.modeling import DTYPES
+
     gpu = torch.cuda.is_available()
-    n, kind = (4096, "cuda") if gpu else (2048, "cpu")
-    a = torch.randn(n, n, device=kind, dtype=getattr(torch, DTYPES[dtype]))
+    n, kind, reps = (4096, "cuda", 10) if gpu else (2048, "cpu", 1)
+    a = torch.randn(n, n, device=kind, dtype=DTYPES[dtype])
     b = torch.randn(n, n, device=kind, dtype=a.dtype)
-    best = math.inf
-    for i in range(6):
+    seconds = []
+    for _ in range(6):
         if gpu:
             torch.cuda.synchronize()
         began = time.perf_counter()
-        for _ in range(10 if gpu else 1):
+        for _ in range(reps):
             a @ b
         if gpu:
             torch.cuda.synchronize()
-        if i:
-            best = min(best, (time.perf_counter() - began) / (10 if gpu else 1))
-    return 2 * n**3 / best / 1e12
+        seconds.append((time.perf_counter() - began) / reps)
+    return 2 * n**3 / min(seconds[1:]) / 1e12  # the first is the warm-up
 
 
 def datasheet_tflops() -> tuple[str, float | None]:
@@ -147,19 +135,19 @@ def datasheet_tflops() -> tuple[str, float | None]:
 # One run of ours
 
 
-def overrides_for(workload: str, folder: Path, data: Path, args, out: Path) -> tuple[str, list[str]]:
+def overrides_for(workload: str, folder: Path, data: Path, args, batch: int, out: Path) -> tuple[str, list[str]]:
     """(recipe, overrides): LoRA r=16 on every linear layer, padding-free, no evaluation or adapter check."""
     steps = args.steps + 2
     common = [f"model.name_or_path={folder}", f"model.dtype={args.dtype}", "peft.method=lora", "peft.target_modules=all-linear",
-              "peft.r=16", "peft.alpha=32", "peft.dropout=0.05", "train.padding_free=true", f"train.batch_size={args.batch}",
+              "peft.r=16", "peft.alpha=32", "peft.dropout=0.05", "train.padding_free=true", f"train.batch_size={batch}",
               "train.verify_adapter=false", "data.cache=false", f"output_dir={out}", "--overwrite"]
     if workload == "twitter":
         rows = 50
-        epochs = math.ceil(steps / math.ceil(rows / args.batch))
+        epochs = math.ceil(steps / math.ceil(rows / batch))
         raft = data / "raft" / "twitter_complaints"
         return "configs/twitter_complaints_smollm2.yaml", common + [
             f"data.train_file={raft}", f"data.eval_file={raft / 'dev.csv'}", f"data.test_file={raft}", f"train.epochs={epochs}"]
-    lines = text_lines_for(folder, data / "wikitext-2" / "train.txt", args.block, steps * args.batch)
+    lines = text_lines_for(folder, data / "wikitext-2" / "train.txt", args.block, steps * batch)
     return "configs/wikitext2_lora.yaml", common + [
         f"data.train_file={data / 'wikitext-2' / 'train.txt'}", f"data.eval_file={data / 'wikitext-2' / 'valid.txt'}",
         f"data.max_length={args.block}", f"data.max_rows={lines}",
@@ -182,11 +170,11 @@ def text_lines_for(folder: Path, path: Path, block: int, blocks: int) -> int:
     return n
 
 
-def run_ours(model: str, workload: str, args, work: Path) -> dict:
+def run_ours(model: str, workload: str, args, batch: int, work: Path) -> dict:
     data = Path(args.data).resolve()
     folder = model_folder(model, args.layers, data, args.dtype)
     out = work / f"{model}-{workload}"
-    recipe, overrides = overrides_for(workload, folder, data, args, out)
+    recipe, overrides = overrides_for(workload, folder, data, args, batch, out)
     script = [str(ROOT / "launch" / "train.py"), str(ROOT / recipe), *overrides]
     if args.zero3:
         torchrun = str(Path(sys.executable).parent / "torchrun")
@@ -208,7 +196,7 @@ def run_ours(model: str, workload: str, args, work: Path) -> dict:
     model_flops = tokens * (4 * linear + 6 * trainable)  # the usual count: every token through every linear layer
     computed_flops = tokens * (4 * (linear - head) + 6 * trainable) + label_tokens * 4 * head
     return {"model": model, "layers": args.layers, "workload": workload, "dtype": args.dtype, "zero3": args.zero3,
-            "batch": args.batch, "block": args.block if workload == "wikitext" else None,
+            "batch": batch, "block": args.block if workload == "wikitext" else None,
             "linear_weights": linear, "head_weights": head, "trainable": trainable, "steps": len(steps),
             "tokens_per_step": tokens / len(steps), "label_tokens_per_step": label_tokens / len(steps),
             "median_step_seconds": statistics.median(r["step_seconds"] for r in steps), "tokens_per_second": tokens / seconds,
@@ -228,7 +216,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["smollm2"], choices=["smollm2", *SHAPES])
     parser.add_argument("--workloads", nargs="+", default=["twitter", "wikitext"], choices=["twitter", "wikitext"])
-    parser.add_argument("--dtype", default="fp32", choices=list(DTYPES))
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--layers", type=int, help="keep the width, use N decoder layers (random shapes only)")
     parser.add_argument("--batch", type=int, help="rows (twitter) or blocks (wikitext) per step; default 4 on a CPU, 32 / 8 on a GPU")
     parser.add_argument("--block", type=int, help="wikitext block length; default 128 on a CPU, 1024 on a GPU")
@@ -253,10 +241,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="step_mfu-") as work:
         for model in args.models:
             for workload in args.workloads:
-                chosen = args.batch
-                args.batch = chosen or batch_default[workload]
-                r = run_ours(model, workload, args, Path(work))
-                args.batch = chosen
+                r = run_ours(model, workload, args, args.batch or batch_default[workload], Path(work))
                 r.update(run=run_id, machine=machine, threads=torch.get_num_threads(), torch=torch.__version__,
                          datasheet_tflops=datasheet, command=" ".join(["python bench/step_mfu.py", *(argv or sys.argv[1:])]))
                 results.append(r)

@@ -81,19 +81,14 @@ def init_distributed() -> str:
     return launcher
 
 
-def share_cores_between_local_ranks() -> int:
+def share_cores_between_local_ranks() -> None:
     """CPU training: each process on a node takes its share of the cores torch would use alone, unless
     OMP_NUM_THREADS says otherwise (torchrun sets 1 for several processes; the deepspeed launcher sets nothing, and
     there 2 processes of 2 threads each on 2 cores stepped 1.17-1.19x slower than with the cores shared: SmolLM2
-    recipe, ZeRO-2). Returns the threads used."""
+    recipe, ZeRO-2)."""
     if "OMP_NUM_THREADS" not in os.environ:
         hosts = all_gather_objects(socket.gethostname())
-        torch.set_num_threads(threads_per_process(torch.get_num_threads(), hosts.count(hosts[rank()])))
-    return torch.get_num_threads()
-
-
-def threads_per_process(cores: int, local_processes: int) -> int:
-    return max(1, cores // max(1, local_processes))
+        torch.set_num_threads(max(1, torch.get_num_threads() // hosts.count(hosts[rank()])))
 
 
 def import_deepspeed():

@@ -22,7 +22,8 @@ review : the room was clean and the staff were friendly , 房间很干净 , 服�
 """
 
 
-def build_tokenizer(vocab_size: int = 320):
+def build_tokenizer(vocab_size: int = 320, files: list | None = None):
+    """A byte-level BPE of `vocab_size` tokens, trained on a small built-in corpus, or on `files` (text files)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -32,7 +33,10 @@ def build_tokenizer(vocab_size: int = 320):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(_CORPUS.splitlines() * 4, trainer=trainer)
+    if files:
+        tok.train([str(f) for f in files], trainer=trainer)
+    else:
+        tok.train_from_iterator(_CORPUS.splitlines() * 4, trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<s>", pad_token="<pad>",
                                    unk_token=None)
 

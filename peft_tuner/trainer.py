@@ -90,7 +90,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, problems: 
     log = RunLog(Path(cfg.output_dir) / "train_log.jsonl", append=resume, trackers=trackers)
     tokenized = "tokenized: from cache" if data.from_cache else "tokenized"
     threads = f", {torch.get_num_threads()} CPU thread(s) each" if dist.device().type == "cpu" else ""
-    autocast = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(getattr(train_autocast(cfg), "fast_dtype", None))
+    autocast = train_autocast_dtype(cfg)
     log.line(f"peft-tuner train | model {cfg.model.name_or_path} | method {cfg.peft.method} | trainable "
              f"{trainable:,} of {total:,} ({100 * trainable / total:.3f}%) | launcher {launcher}, {world} process(es), "
              f"ZeRO-{stage} ({ds_source}){threads} | {data.rows} rows ({data.dropped_empty} dropped, {data.truncated} cut "
@@ -281,6 +281,7 @@ def fit(engine, cfg: Config, data: TrainData, tokenizer, log: "RunLog", global_b
     world, rank = dist.world_size(), dist.rank()
     accumulation, micro = cfg.train.gradient_accumulation, cfg.train.batch_size
     pass_positions = not is_prompt_learning(engine.module)
+    forward_dtype = train_autocast_dtype(cfg)  # resolved once, not per micro-step
     total_steps = steps_per_epoch * cfg.train.epochs
     stop = StopRequest()
     progress = _progress_bar(total_steps, start_step)
@@ -306,7 +307,7 @@ def fit(engine, cfg: Config, data: TrainData, tokenizer, log: "RunLog", global_b
                 raise SystemExit(143)
             loss_sum = 0.0
             for k, batch in enumerate(batches):
-                with train_autocast(cfg):
+                with autocast_to(forward_dtype):
                     summed = token_loss_sum(engine, batch, pass_positions, dist.device())
                 engine.backward(summed * (world * accumulation) / max(global_tokens, 1))
                 loss_sum = loss_sum + summed.detach()  # stays on the device until the step's end
@@ -430,22 +431,27 @@ def accuracy_during_training(engine, cfg: Config, data: TrainData) -> float:
 
 def eval_autocast(cfg: Config):
     """Evaluation in eval.dtype (bf16 / fp16) while the weights train in fp32: autocast, as evaluate does with a copy."""
-    import contextlib
-
     dtype = eval_dtype(cfg)
-    if dtype in ("bf16", "fp16") and cfg.model.dtype == "fp32":
-        return torch.autocast(dist.device().type, dtype=DTYPES[dtype])
-    return contextlib.nullcontext()
+    return autocast_to(dtype if dtype in ("bf16", "fp16") and cfg.model.dtype == "fp32" else None)
+
+
+def train_autocast_dtype(cfg: Config) -> Optional[str]:
+    """train.autocast with `auto` resolved for this machine: bf16 where it is computed natively, else none."""
+    if cfg.train.autocast == "auto":
+        return "bf16" if native_bf16() else None
+    return cfg.train.autocast
 
 
 def train_autocast(cfg: Config):
-    """The training forward under train.autocast (bf16 / fp16 compute, fp32 weights), `auto` resolved for this machine;
-    the backward follows the dtypes the forward recorded."""
+    """The training forward under train.autocast (bf16 / fp16 compute, fp32 weights); the backward follows the dtypes
+    the forward recorded."""
+    return autocast_to(train_autocast_dtype(cfg))
+
+
+def autocast_to(dtype: Optional[str]):
+    """Autocast to `dtype` (bf16 / fp16) on this process's device; None: no autocast."""
     import contextlib
 
-    dtype = cfg.train.autocast
-    if dtype == "auto":
-        dtype = "bf16" if native_bf16() else None
     return torch.autocast(dist.device().type, dtype=DTYPES[dtype]) if dtype else contextlib.nullcontext()
 
 
