@@ -17,6 +17,9 @@ each other down); each is repeated and the medians are reported.
 - trl-sft-padding-free: TRL's SFTTrainer with padding_free=True (prompt / completion rows, loss on the completion).
 - peft-tuner, peft-tuner-padding-free: launch/train.py with the same settings (configs/twitter_complaints_peft_example.yaml),
   then with train.padding_free=true; evaluated by rank classification (fp32, and bf16) and by generation.
+- peft-tuner-padding-free-bf16, where the machine computes bf16 natively (a CPU with AVX-512 BF16 or AMX, a GPU):
+  the same with model.dtype=bf16 (the frozen weights and the forward in bf16, the optimizer's master weights in fp32);
+  evaluated by rank classification in bf16.
 
 Training figures: real (non-padding) tokens per second of the training loop (model loading left out), seconds per
 epoch, peak resident memory of the process (the largest rank's), final loss. Raw results go to
@@ -49,7 +52,8 @@ SETTINGS = {"r": 8, "alpha": 32, "dropout": 0.1, "targets": ["q_proj", "v_proj"]
             "seed": 42, "new_tokens": 10}
 PROMPT = "Tweet text : {} Label : "
 PEERS = ("peft-example", "hf-trainer", "hf-trainer-grouped", "trl-sft-padding-free")
-OURS = ("peft-tuner", "peft-tuner-padding-free")
+OURS = ("peft-tuner", "peft-tuner-padding-free", "peft-tuner-padding-free-bf16")
+EVALUATED = ("peft-example", "peft-tuner-padding-free", "peft-tuner-padding-free-bf16")  # on 1 process, every repeat
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -262,8 +266,10 @@ def run_ours(loop: str, model: str, epochs: int, processes: int, stage: int, wor
     overrides = [f"model.name_or_path={model_path(model)}", f"data.train_file={DATA}", f"data.eval_file={DATA / 'dev.csv'}",
                  f"train.epochs={epochs}", f"train.batch_size={SETTINGS['batch'] // processes}", f"output_dir={run_dir}",
                  "train.verify_adapter=false", "data.cache=false", "--overwrite"]
-    if loop.endswith("padding-free"):
+    if "padding-free" in loop:
         overrides.append("train.padding_free=true")
+    if loop.endswith("-bf16"):
+        overrides.append("model.dtype=bf16")
     script = [str(ROOT / "launch" / "train.py"), str(ROOT / "configs" / "twitter_complaints_peft_example.yaml"), *overrides]
     if processes == 1:
         cmd = [python, *script]
@@ -282,9 +288,12 @@ def run_ours(loop: str, model: str, epochs: int, processes: int, stage: int, wor
               "final_loss": steps[-1]["loss"], "curve": curve, "peak_memory_gb": summary["peak_memory_gb"]}
     if evaluate:
         result["eval"] = {}
-        for name, extra in (("rank", ["--method", "rank", "eval.dtype=fp32"]), ("rank-bf16", ["--method", "rank", "eval.dtype=bf16"]),
-                            ("generate", ["--method", "generate", "eval.dtype=fp32", f"eval.max_new_tokens={SETTINGS['new_tokens']}",
-                                          "eval.batch_size=8"])):
+        methods = {"rank": ["--method", "rank", "eval.dtype=fp32"], "rank-bf16": ["--method", "rank", "eval.dtype=bf16"],
+                   "generate": ["--method", "generate", "eval.dtype=fp32", f"eval.max_new_tokens={SETTINGS['new_tokens']}",
+                                "eval.batch_size=8"]}
+        for name, extra in methods.items():
+            if loop.endswith("-bf16") and name != "rank-bf16":
+                continue
             subprocess.run([python, "-m", "peft_tuner.cli", "evaluate", "--adapter", str(run_dir / "adapter"), *extra,
                             "--out", str(work / f"eval-{name}")], check=True, capture_output=True, text=True, env=_env(1))
             metrics = json.loads((work / f"eval-{name}" / "metrics_eval.json").read_text())
@@ -329,11 +338,14 @@ def cases(models: list[str]) -> list[dict]:
     """(model, processes, ZeRO stage, loops): every loop on 1 process; ours on 2 under ZeRO-2 and ZeRO-3. (The example's
     loop under `accelerate launch` with the DeepSpeed plugin stopped at DeepSpeed's batch-size assertion, micro-batch 8
     reported for the 4 its dataloader holds; `run_peer` can run it once that is solved.)"""
+    from peft_tuner.modeling import native_bf16
+
+    ours = [loop for loop in OURS if native_bf16() or not loop.endswith("-bf16")]
     out = []
     for model in models:
-        out.append({"model": model, "processes": 1, "stage": 0, "loops": list(PEERS) + list(OURS)})
+        out.append({"model": model, "processes": 1, "stage": 0, "loops": list(PEERS) + ours})
         for stage in (2, 3):
-            out.append({"model": model, "processes": 2, "stage": stage, "loops": list(OURS)})
+            out.append({"model": model, "processes": 2, "stage": stage, "loops": [l for l in ours if not l.endswith("-bf16")]})
     return out
 
 
@@ -361,7 +373,7 @@ def main(argv=None) -> int:
             if args.loops and loop not in args.loops:
                 continue
             for repeat in range(args.repeats):
-                evaluate = repeat == 0 and case["processes"] == 1 and loop in ("peft-example", "peft-tuner-padding-free")
+                evaluate = case["processes"] == 1 and loop in EVALUATED
                 with tempfile.TemporaryDirectory() as work:
                     runner = run_ours if loop in OURS else run_peer
                     try:
@@ -387,43 +399,82 @@ def main(argv=None) -> int:
 def write_report(run_id: str) -> None:
     records = [json.loads(l) for l in RESULTS.read_text().splitlines() if l.strip()]
     records = [r for r in records if r["run"] == run_id]
-    lines = ["", f"Run {run_id}: `{records[0]['command']}` on {records[0]['machine']['cpu']} "
-             f"({records[0]['machine']['cores']} cores{', ' + records[0]['machine']['gpu'] if records[0]['machine']['gpu'] else ''}), "
-             f"torch {records[0]['machine']['torch']}, transformers {records[0]['machine']['transformers']}, "
-             f"peft {records[0]['machine']['peft']}; {records[0]['epochs']} epochs over the 50 training rows; medians of "
-             f"{max(r['repeat'] for r in records) + 1} runs. Raw results: `bench/results/speed_vs_peers.jsonl`.", ""]
+    first = records[0]
+    lines = ["", f"Run {run_id}: `{first['command']}` on {first['machine']['cpu']} "
+             f"({first['machine']['cores']} cores{', ' + first['machine']['gpu'] if first['machine']['gpu'] else ''}), "
+             f"torch {first['machine']['torch']}, transformers {first['machine']['transformers']}, "
+             f"peft {first['machine']['peft']}; {first['epochs']} epochs over the 50 training rows; medians of "
+             f"{max(r['repeat'] for r in records) + 1} runs (evaluation included). "
+             "Raw results: `bench/results/speed_vs_peers.jsonl`.", ""]
     groups: dict = {}
     for r in records:
         groups.setdefault((r["model"], r["processes"], r["zero_stage"]), {}).setdefault(r["loop"], []).append(r)
     for (model, processes, stage), loops in groups.items():
         title = f"{'tiny Llama' if model == 'tiny' else 'SmolLM2-135M-Instruct'}, {processes} process" + \
                 ("es, ZeRO-" + str(stage) if processes > 1 else ", DeepSpeed ZeRO-0 for ours")
-        lines += [f"### {title}", "", "| loop | real tokens/s | s/epoch | peak memory (GB) | final loss | ours-padding-free / this |",
-                  "|---|---|---|---|---|---|"]
-        speed = {}
+        ok = {loop: [r for r in runs if "error" not in r] for loop, runs in loops.items()}
+        speed = {loop: statistics.median(r["real_tokens"] / r["loop_seconds"] for r in runs) for loop, runs in ok.items() if runs}
+        memory = {loop: statistics.median(r["peak_memory_gb"] for r in runs) for loop, runs in ok.items() if runs}
+        ours = [loop for loop in ("peft-tuner-padding-free", "peft-tuner-padding-free-bf16") if loop in speed]
+        header = "".join(f" {loop.replace('peft-tuner-padding-free', 'ours')} / this |" for loop in ours)
+        lines += [f"### {title}", "", f"| loop | real tokens/s | s/epoch | peak memory (GB) | final loss |{header}",
+                  "|---|---|---|---|---|" + "---|" * len(ours)]
         for loop, runs in loops.items():
-            ok = [r for r in runs if "error" not in r]
-            if not ok:
-                lines.append(f"| {loop} | failed: {runs[0]['error'].strip().splitlines()[-1][:120] if runs[0]['error'].strip() else 'see the raw results'} | | | | |")
+            if not ok[loop]:
+                error = runs[0]["error"].strip()
+                lines.append(f"| {loop} | failed: {error.splitlines()[-1][:120] if error else 'see the raw results'} | | | |"
+                             + " |" * len(ours))
                 continue
-            speed[loop] = statistics.median(r["real_tokens"] / r["loop_seconds"] for r in ok)
-        best = speed.get("peft-tuner-padding-free")
-        for loop, runs in loops.items():
-            ok = [r for r in runs if "error" not in r]
-            if not ok:
-                continue
-            ratio = f"{best / speed[loop]:.2f}x" if best else "-"
-            lines.append(f"| {loop} | {speed[loop]:.0f} | {statistics.median(r['loop_seconds'] for r in ok) / ok[0]['epochs']:.2f} | "
-                         f"{statistics.median(r['peak_memory_gb'] for r in ok):.2f} | {statistics.median(r['final_loss'] for r in ok):.4f} | {ratio} |")
-        evals = [(loop, name, e) for loop, runs in loops.items() for r in runs if "eval" in r for name, e in r["eval"].items()]
+            ratios = "".join(f" {speed[o] / speed[loop]:.2f}x |" for o in ours)
+            lines.append(f"| {loop} | {speed[loop]:.0f} | {statistics.median(r['loop_seconds'] for r in ok[loop]) / ok[loop][0]['epochs']:.2f} | "
+                         f"{memory[loop]:.2f} | {statistics.median(r['final_loss'] for r in ok[loop]):.4f} |{ratios}")
+        evals = {}
+        for loop, runs in ok.items():
+            for r in runs:
+                for name, e in r.get("eval", {}).items():
+                    evals.setdefault((loop, name), []).append(e)
+        rate = {key: statistics.median(e["examples_per_second"] for e in es) for key, es in evals.items()}
+        accuracy = {key: statistics.median(e["accuracy"] for e in es) for key, es in evals.items()}
+        reference = ("peft-example", "generate")
         if evals:
-            lines += ["", "| evaluation on the 300 dev rows | examples/s | accuracy |", "|---|---|---|"]
-            lines += [f"| {loop}, {name} | {e['examples_per_second']} | {e['accuracy']:.4f} |" for loop, name, e in evals]
+            lines += ["", "| evaluation on the 300 dev rows | examples/s | accuracy | / the example's generate |", "|---|---|---|---|"]
+            for key in evals:
+                ratio = f"{rate[key] / rate[reference]:.2f}x" if reference in rate else "-"
+                lines.append(f"| {key[0]}, {key[1]} | {rate[key]:.2f} | {accuracy[key]:.4f} | {ratio} |")
+        if processes == 1 and "peft-example" in speed and ours:
+            lines += [""] + targets(speed, memory, rate, accuracy, ours, reference)
         lines.append("")
     if _plot(records):
         lines += [f"![loss against wall-clock time]({PLOT.name})", ""]
     write_between_markers("\n".join(lines), MARKERS, title="Speed against the peers")
     print(f"wrote {BENCHMARKS}")
+
+
+def targets(speed: dict, memory: dict, rate: dict, accuracy: dict, ours: list[str], reference: tuple) -> list[str]:
+    """The targets the comparison is held to, each against ours in fp32 and (where run) in bf16."""
+    trainer = max((speed[l] for l in ("hf-trainer", "hf-trainer-grouped") if l in speed), default=None)
+    rank = {"peft-tuner-padding-free": "rank", "peft-tuner-padding-free-bf16": "rank-bf16"}
+    lines = ["| target | " + " | ".join(o.replace("peft-tuner-padding-free", "ours") for o in ours) + " |",
+             "|---|" + "---|" * len(ours)]
+
+    def row(name: str, cell) -> None:
+        cells = [cell(o) for o in ours]
+        lines.append(f"| {name} | " + " | ".join("-" if c is None else f"{c[0]:.2f}{c[1]} {'met' if c[2] else 'missed'}"
+                                              for c in cells) + " |")
+
+    row("training real tokens/s >= 2x the example's loop", lambda o: (speed[o] / speed["peft-example"], "x", speed[o] >= 2 * speed["peft-example"]))
+    if trainer:
+        row("training real tokens/s >= 1.2x the Trainer's faster loop", lambda o: (speed[o] / trainer, "x", speed[o] >= 1.2 * trainer))
+    row("peak memory <= the example's loop", lambda o: (memory[o], " GB", memory[o] <= memory["peft-example"]))
+    if reference in rate:
+        def evaluation(o):
+            key = (o, rank[o])
+            if key not in rate:
+                return None
+            return rate[key] / rate[reference], f"x at accuracy {accuracy[key]:.4f}", \
+                rate[key] >= 5 * rate[reference] and accuracy[key] >= accuracy[reference]
+        row("rank classification >= 5x the example's generate examples/s, accuracy no lower", evaluation)
+    return lines
 
 
 def _plot(records: list[dict]) -> bool:
