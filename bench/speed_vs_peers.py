@@ -453,7 +453,6 @@ def write_report(run_id: str) -> None:
 def targets(speed: dict, memory: dict, rate: dict, accuracy: dict, ours: list[str], reference: tuple) -> list[str]:
     """The targets the comparison is held to, each against ours in fp32 and (where run) in bf16."""
     trainer = max((speed[l] for l in ("hf-trainer", "hf-trainer-grouped") if l in speed), default=None)
-    rank = {"peft-tuner-padding-free": "rank", "peft-tuner-padding-free-bf16": "rank-bf16"}
     lines = ["| target | " + " | ".join(o.replace("peft-tuner-padding-free", "ours") for o in ours) + " |",
              "|---|" + "---|" * len(ours)]
 
@@ -467,11 +466,13 @@ def targets(speed: dict, memory: dict, rate: dict, accuracy: dict, ours: list[st
         row("training real tokens/s >= 1.2x the Trainer's faster loop", lambda o: (speed[o] / trainer, "x", speed[o] >= 1.2 * trainer))
     row("peak memory <= the example's loop", lambda o: (memory[o], " GB", memory[o] <= memory["peft-example"]))
     if reference in rate:
-        def evaluation(o):
-            key = (o, rank[o])
-            if key not in rate:
+        def evaluation(o):  # the fastest rank classification of this loop's adapter that is as accurate
+            keys = [key for key in rate if key[0] == o and key[1].startswith("rank")]
+            if not keys:
                 return None
-            return rate[key] / rate[reference], f"x at accuracy {accuracy[key]:.4f}", \
+            good = [key for key in keys if accuracy[key] >= accuracy[reference]] or keys
+            key = max(good, key=rate.get)
+            return rate[key] / rate[reference], f"x ({key[1]}, accuracy {accuracy[key]:.4f})", \
                 rate[key] >= 5 * rate[reference] and accuracy[key] >= accuracy[reference]
         row("rank classification >= 5x the example's generate examples/s, accuracy no lower", evaluation)
     return lines

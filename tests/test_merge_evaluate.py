@@ -120,6 +120,28 @@ def test_rank_classification_matches_scoring_each_candidate_alone(tiny_models, d
     assert batched.argmax(1).tolist() == alone.argmax(1).tolist()
 
 
+def test_rank_classification_runs_plain_attention_on_the_cpu_and_puts_sdpa_back(tiny_models, data_dir, monkeypatch):
+    from transformers.models.llama import modeling_llama
+
+    from peft_tuner import scoring
+
+    model = load_base_model(ModelConfig(name_or_path=str(tiny_models["llama"]))).eval()
+    encoder = Encoder(load_tokenizer(ModelConfig(name_or_path=str(tiny_models["llama"]))),
+                      build_task(DataConfig(), read_table(str(data_dir / "raft"), "train")), 64)
+    rows = read_table(str(data_dir / "raft"), "train").rows[:5]
+    calls = []
+    eager = modeling_llama.eager_attention_forward
+    monkeypatch.setattr(modeling_llama, "eager_attention_forward", lambda *a, **k: calls.append(1) or eager(*a, **k))
+    assert model.config._attn_implementation == "sdpa"
+    plain = rank_scores(model, encoder, rows, batch_size=2)
+    assert calls and model.config._attn_implementation == "sdpa"  # plain attention while scoring, SDPA afterwards
+    monkeypatch.setattr(scoring, "SCORE_WITH_EAGER_ATTENTION_ON_CPU", False)
+    seen = len(calls)
+    with_sdpa = rank_scores(model, encoder, rows, batch_size=2)
+    assert len(calls) == seen
+    torch.testing.assert_close(plain, with_sdpa, atol=1e-4, rtol=1e-4)
+
+
 def test_metrics_and_text_to_class():
     metrics = classification_metrics(["a", "a", "b", "b"], ["a", "b", "b", None], ["a", "b"])
     assert metrics["accuracy"] == 0.5 and metrics["invalid"] == 1
