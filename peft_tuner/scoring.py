@@ -62,15 +62,17 @@ def rank_scores(model, encoder: Encoder, rows: list[dict], batch_size: int, shar
 
 @contextlib.contextmanager
 def eager_attention_on_cpu(model):
-    """Scoring's short prompts under padding masks run faster through plain attention (two matrix products and a
-    softmax) than through the CPU's SDPA kernel: SmolLM2 rank classification of the 300 dev rows, bf16, 32 prompts a
-    forward, 2 cores: 1.14x (bench/eval_speed_settings.py). SDPA comes back afterwards; GPUs keep their kernels."""
+    """In bf16 / fp16 on the CPU, scoring's short prompts under padding masks run faster through plain attention (two
+    matrix products and a softmax) than through SDPA's kernel: SmolLM2 rank classification of the 300 dev rows, bf16,
+    32 prompts a forward, 2 cores: 58.6 against 49.5 examples/s (bench/eval_speed_settings.py). In fp32 it gained
+    nothing (16.0 against 16.3), so fp32 keeps SDPA, as do GPUs. SDPA comes back afterwards."""
     from peft_tuner.modeling import ROW_BY_ROW
 
     base = _base_model(model)
     before = getattr(base.config, "_attn_implementation", None)
     if not SCORE_WITH_EAGER_ATTENTION_ON_CPU or before not in ("sdpa", ROW_BY_ROW) \
-            or next(model.parameters()).device.type != "cpu" or not base._can_set_attn_implementation():
+            or next(model.parameters()).device.type != "cpu" or next(model.parameters()).dtype == torch.float32 \
+            or not base._can_set_attn_implementation():
         yield
         return
     base.set_attn_implementation("eager")
