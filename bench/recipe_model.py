@@ -11,14 +11,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from peft_tuner.config import Config, load_config  # noqa: E402
 from peft_tuner.data import Encoder, build_task, collate, collate_padding_free, encode_training_rows, prepare_split, read_table  # noqa: E402
-from peft_tuner.modeling import attend_row_by_row, build_peft_model, load_base_model, load_tokenizer  # noqa: E402
+from peft_tuner.modeling import attend_row_by_row, build_peft_model, cpu_dropout, load_base_model, load_tokenizer  # noqa: E402
 
 DEFAULT_RECIPE = ROOT / "configs" / "twitter_complaints_smollm2.yaml"
 
 
 def recipe_rows_and_model(recipe: str | Path = DEFAULT_RECIPE) -> tuple[Config, object, list[dict], torch.nn.Module]:
-    """(config, tokenizer, tokenized training examples, LoRA model in train mode); padding-free rows attend row by row,
-    as the trainer sets it up on a CPU."""
+    """(config, tokenizer, tokenized training examples, LoRA model in train mode); padding-free rows attend row by row
+    and dropout is CpuDropout, as the trainer sets it up on a CPU."""
     cfg = load_config(str(recipe))
     tokenizer = load_tokenizer(cfg.model)
     table = read_table(cfg.data.train_file, "train")
@@ -29,6 +29,7 @@ def recipe_rows_and_model(recipe: str | Path = DEFAULT_RECIPE) -> tuple[Config, 
     model = build_peft_model(load_base_model(cfg.model), cfg.peft, cfg.model, total_steps=100)
     if cfg.train.padding_free:
         attend_row_by_row(model)
+    cpu_dropout(model)
     model.train()
     return cfg, tokenizer, examples, model
 

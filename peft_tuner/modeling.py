@@ -189,6 +189,47 @@ def attend_row_by_row(model) -> bool:
     return True
 
 
+class CpuDropout(torch.nn.Module):
+    """Dropout whose mask is drawn 16 random bits an element, four elements to one 64-bit draw of torch's generator.
+    torch's own dropout on the CPU draws a Bernoulli number per element from its serial Mersenne twister: on a
+    160 x 1536 fp32 activation 1,274 us forward, against 400 us here (2 cores), and LoRA's dropout runs before every
+    adapted layer (210 times a SmolLM2 step with LoRA on every linear layer: 15% of the step's time). The drop
+    probability is `p` rounded to a multiple of 1/65536 (0.1 becomes 0.10000610) and the kept elements are scaled by
+    the inverse of the kept share, so the expected activation is unchanged, as nn.Dropout's."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        dropped = round(p * 65536)
+        if not 0 < dropped < 65536:
+            raise ValueError(f"CpuDropout: p={p} rounds to {dropped}/65536; it needs 0 < p < 1 (at least 1/65536 from each)")
+        self.p = dropped / 65536
+        self.threshold = dropped - 32768  # an element is dropped where its 16 bits, read as int16, fall below this
+        self.scale = 65536 / (65536 - dropped)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        n = x.numel()
+        bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-2 ** 63, None)  # all 64 bits
+        keep = bits.view(torch.int16)[:n].view(x.shape) >= self.threshold
+        return x * keep * self.scale
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+def cpu_dropout(model) -> int:
+    """Put CpuDropout in place of every torch.nn.Dropout with 0 < p < 1 (LoRA's, and the base model's if it has any);
+    for training on the CPU, where torch's dropout is slow (CpuDropout). Returns how many it replaced."""
+    replaced = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is torch.nn.Dropout and not child.inplace and 1 <= round(child.p * 65536) < 65536:
+                setattr(parent, name, CpuDropout(child.p))
+                replaced += 1
+    return replaced
+
+
 def load_trained_model(model_cfg: ModelConfig, trained_dir, dtype: Optional[str] = None):
     """An adapter folder on its base model (peft), or a standalone folder (method=full, or a merged model)."""
     trained_dir = Path(trained_dir)

@@ -26,8 +26,8 @@ from peft_tuner.data import (IGNORE_INDEX, DataError, Encoder, SftEncoder, build
                              real_tokens, sft_rows, text_blocks)
 from peft_tuner.errors import PeftTunerError
 from peft_tuner.modeling import (DTYPES, add_neftune_noise, attend_row_by_row, build_peft_model, check_peft_applies,
-                                 count_parameters, eval_dtype, is_prompt_learning, keep_adalora_mask, load_base_model,
-                                 load_tokenizer, load_trained_model, native_bf16)
+                                 count_parameters, cpu_dropout, eval_dtype, is_prompt_learning, keep_adalora_mask,
+                                 load_base_model, load_tokenizer, load_trained_model, native_bf16)
 from peft_tuner.scoring import label_token_losses, text_loss_over_ranks
 from peft_tuner.trackers import PREFIXES, check_trackers, numeric, open_trackers
 
@@ -76,6 +76,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, problems: 
         # Row-by-row attention is measured on the CPU only; a GPU keeps SDPA's masked kernels (or flash-attention's varlen).
         if dist.device().type == "cpu" and attend_row_by_row(engine.module):
             check_padding_free(engine.module, data.examples, tokenizer.pad_token_id, cfg.model.dtype)  # and so does this
+    fast_dropouts = cpu_dropout(engine.module) if dist.device().type == "cpu" else 0  # a GPU keeps torch's dropout
     torch.manual_seed(cfg.train.seed + dist.rank())  # dropout differs across ranks, reproducibly
 
     start_step, best = 0, BestSoFar(*metric_for_best(cfg))
@@ -100,7 +101,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, problems: 
              (f" | resuming after step {start_step}" if start_step else ""))
     log.record({"event": "start", "model": cfg.model.name_or_path, "method": cfg.peft.method, "trainable_params": trainable,
                 "total_params": total, "world_size": world, "zero_stage": stage, "launcher": launcher,
-                "cpu_threads": torch.get_num_threads(), "autocast": autocast, "rows": data.rows,
+                "cpu_threads": torch.get_num_threads(), "cpu_dropouts": fast_dropouts, "autocast": autocast, "rows": data.rows,
                 "dropped_empty": data.dropped_empty, "truncated": data.truncated, "tokenized_from_cache": data.from_cache,
                 "total_steps": total_steps,
                 "start_step": start_step})

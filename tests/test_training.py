@@ -27,9 +27,10 @@ for name, recipe, overrides in json.loads(sys.argv[1]):
 """
 
 # First and last step loss of `train.epochs=2` on the 16 toy rows (batch 4, lr 5e-2, LoRA r=4, seed 7, fp32),
-# pinned from a run of this suite. A change in how the loss is computed moves them far beyond the tolerance.
+# pinned from a run of this suite (GPT-2's, whose base model has dropout, with its masks drawn by CpuDropout). A change
+# in how the loss is computed moves them far beyond the tolerance.
 PINNED = {
-    "gpt2": (5.799271, 5.467142),
+    "gpt2": (5.815501, 5.465988),
     "bloom": (5.695249, 5.290693),
     "opt": (5.794354, 5.448008),
     "llama": (5.780675, 5.594429),
