@@ -189,3 +189,39 @@ def test_a_short_run_gives_the_pinned_losses(runs, arch):
     assert len(losses) == 8
     first, last = PINNED[arch]
     assert losses[0] == pytest.approx(first, rel=1e-4) and losses[-1] == pytest.approx(last, rel=1e-4), losses
+
+
+def test_row_by_row_attention_runs_short_half_precision_rows_in_fp32():
+    """In bf16 (weights or autocast), a padding-free row of up to FP32_ATTENTION_UP_TO tokens reaches the attention
+    kernel in fp32 and comes back in bf16; a longer row stays in bf16. Each row attends to itself only: the result is
+    each row's own causal attention, within bf16 rounding."""
+    import types
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from peft_tuner.modeling import FP32_ATTENTION_UP_TO, row_by_row_attention
+
+    class KernelInputs(TorchDispatchMode):  # sees each op as it reaches the kernels, after autocast's casts
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if "scaled_dot_product" in func.__name__:
+                self.seen.append((args[0].shape[2], args[0].dtype))
+            return func(*args, **(kwargs or {}))
+
+    module = types.SimpleNamespace(is_causal=True, num_key_value_groups=1, training=False)
+    lengths = [7, FP32_ATTENTION_UP_TO + 1]
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, sum(lengths), 8, dtype=torch.bfloat16) for _ in range(3))
+    bounds = torch.tensor([0, lengths[0], sum(lengths)])
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), KernelInputs() as kernels:
+            out, _ = row_by_row_attention(module, q, k, v, None, cu_seq_lens_q=bounds, dropout=0.0, scaling=None)
+        assert kernels.seen == [(lengths[0], torch.float32), (lengths[1], torch.bfloat16)], (autocast, kernels.seen)
+        assert out.dtype == torch.bfloat16 and out.shape == (1, sum(lengths), 2, 8)
+        for a, b in zip(bounds.tolist(), bounds.tolist()[1:]):
+            own = F.scaled_dot_product_attention(q[:, :, a:b].float(), k[:, :, a:b].float(), v[:, :, a:b].float(),
+                                                 is_causal=True).transpose(1, 2)
+            torch.testing.assert_close(out[:, a:b].float(), own, atol=2e-2, rtol=2e-2)
