@@ -151,6 +151,7 @@ class DistillConfig:
     teachers: int = _help(3, "`peft-tuner distill`: how many teachers, the recipe trained with seeds 1..N.")
     rows: Optional[int] = _help(400, "`peft-tuner distill`: the first N rows of data.test_file that the teachers' ensemble labels (null: all).")
     student_epochs: int = _help(3, "`peft-tuner distill`: the student's epochs over the labelled and pseudo-labelled rows.")
+    parallel: int = _help(1, "`peft-tuner distill`: how many teachers train at once, the cores shared out between them.")
 
 
 @dataclass
@@ -512,6 +513,7 @@ def validate(cfg: Config) -> list[str]:
     check(cfg.distill.teachers >= 1, "distill.teachers: must be at least 1")
     check(cfg.distill.rows is None or cfg.distill.rows >= 1, "distill.rows: must be at least 1 (null: every row)")
     check(cfg.distill.student_epochs >= 1, "distill.student_epochs: must be at least 1")
+    check(cfg.distill.parallel >= 1, "distill.parallel: must be at least 1")
     if cfg.data.prompt_template is not None:
         check("{" in cfg.data.prompt_template, "data.prompt_template: name at least one column in braces, e.g. '{Tweet text}'")
     return problems

@@ -9,8 +9,8 @@ rows it is most confident of (probability normalised over the classes), each row
 the rest. So a model that leans towards one class does not pass the lean on to its student.
 
 `peft-tuner distill RECIPE.yaml --out DIR` runs the whole recipe in one command: the teachers (the recipe with seeds
-1..N), their labels, the student, and the evaluation of each on data.eval_file; a second call continues where the
-first stopped.
+1..N; distill.parallel of them at once, the cores shared out between them), their labels, the student, and the
+evaluation of each on data.eval_file; a second call continues where the first stopped.
 """
 from __future__ import annotations
 
@@ -142,7 +142,7 @@ def distill(recipe: str | Path, out_dir: str | Path, overrides: Optional[list[st
     import time
 
     from peft_tuner.config import load_config
-    from peft_tuner.runner import train_in_subprocess
+    from peft_tuner.runner import Run, train_in_subprocesses
     from peft_tuner.evaluate import evaluate, load_task
 
     started = time.time()
@@ -154,7 +154,8 @@ def distill(recipe: str | Path, out_dir: str | Path, overrides: Optional[list[st
         raise ConfigError(f"--processes {processes}: must be at least 1")
     cfg = load_config(str(recipe), overrides)
     teachers, rows, student_epochs = cfg.distill.teachers, cfg.distill.rows, cfg.distill.student_epochs
-    plan = {"recipe": str(Path(recipe).resolve()), "recipe_text": Path(recipe).read_text(), "overrides": overrides,
+    plan = {"recipe": str(Path(recipe).resolve()), "recipe_text": Path(recipe).read_text(),
+            "overrides": [o for o in overrides if not o.startswith("distill.parallel=")],  # how, not what, to train
             "teachers": teachers, "rows": rows, "student_epochs": student_epochs}  # an edited recipe is other settings
     if out.exists() and any(out.iterdir()):
         if not (out / PLAN_FILE).is_file():
@@ -179,24 +180,23 @@ def distill(recipe: str | Path, out_dir: str | Path, overrides: Optional[list[st
     out.mkdir(parents=True, exist_ok=True)
     (out / PLAN_FILE).write_text(json.dumps(plan, indent=2))
 
-    def train_once(name: str, run_dir: Path, run_overrides: list[str], again: bool) -> bool:
-        """Train unless run_dir holds the finished run (and nothing it was trained from changed): continue from its
-        newest checkpoint if an interrupted call left one. True if it trained."""
+    def to_train(name: str, run_dir: Path, run_overrides: list[str], again: bool) -> list[Run]:
+        """The run, unless run_dir holds it finished (and nothing it was trained from changed); it continues from its
+        newest checkpoint if an interrupted call left one."""
         if (run_dir / "summary.json").is_file() and not again:
             log(f"[{name}] kept: {run_dir}")
-            return False
+            return []
         resume = not again and (run_dir / CHECKPOINT_DIR / "latest").is_file()
         log(f"[{name}] " + (f"continuing from its newest checkpoint in {run_dir}" if resume else f"training in {run_dir}"))
-        train_in_subprocess(recipe, overrides + run_overrides + [f"output_dir={run_dir}"], processes, run_dir,
-                            resume=resume)
-        return True
+        return [Run(name, overrides + run_overrides + [f"output_dir={run_dir}"], run_dir, resume)]
 
     report = {"plan": plan, "teachers": []}
-    retrained = False  # the teachers are independent; the labels depend on all of them, the student on the labels
-    for seed in range(1, teachers + 1):
-        run_dir = out / f"teacher{seed}"
-        retrained |= train_once(f"teacher {seed}/{teachers}, train.seed={seed}", run_dir, [f"train.seed={seed}"], again=False)
-        report["teachers"].append(_trained(run_dir))
+    teacher_dirs = [out / f"teacher{seed}" for seed in range(1, teachers + 1)]
+    runs = [run for seed, run_dir in enumerate(teacher_dirs, 1)
+            for run in to_train(f"teacher {seed}/{teachers}, train.seed={seed}", run_dir, [f"train.seed={seed}"], again=False)]
+    train_in_subprocesses(recipe, runs, processes, at_once=cfg.distill.parallel)
+    retrained = bool(runs)  # the teachers are independent; the labels depend on all of them, the student on the labels
+    report["teachers"] = [_trained(run_dir) for run_dir in teacher_dirs]
     adapters = [t["adapter"] for t in report["teachers"]]
 
     distilled, labels_file = out / "distilled.csv", out / "labels.json"
@@ -211,7 +211,8 @@ def distill(recipe: str | Path, out_dir: str | Path, overrides: Optional[list[st
 
     student_dir = out / "student"
     student = student_overrides(load_task(cfg, adapters[0]), distilled, cfg.data.max_rows) + [f"train.epochs={student_epochs}"]
-    train_once(f"student, {student_epochs} epochs on {distilled.name}", student_dir, student, again=relabelled)
+    train_in_subprocesses(recipe, to_train(f"student, {student_epochs} epochs on {distilled.name}", student_dir, student,
+                                           again=relabelled), processes)
     report["student"] = _trained(student_dir)
 
     if cfg.data.eval_file:

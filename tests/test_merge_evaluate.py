@@ -540,6 +540,34 @@ def test_distill_trains_teachers_labels_and_a_student_then_continues_where_it_st
     assert not (tmp_path / "text").exists()
 
 
+def test_distill_trains_teachers_side_by_side_on_shares_of_the_cores(tiny_models, tmp_path, data_dir, monkeypatch):
+    """distill.parallel=2: two teachers train at once, each on half the cores; one failing stops the other before the
+    third starts, and the next call continues the failed one from its checkpoint and trains the rest."""
+    import os
+
+    from peft_tuner.cli import main
+
+    raft = data_dir / "raft"
+    recipe = write_recipe(tmp_path / "recipe.yaml", tiny_models["llama"], raft, tmp_path / "unused",
+                          data={"test_file": str(raft)}, train={"epochs": 1, "checkpoint_steps": 2},
+                          distill={"teachers": 3, "rows": 4, "student_epochs": 1})
+    out = tmp_path / "distill"
+    args = ["distill", str(recipe), "--out", str(out), "--parallel", "2"]
+    monkeypatch.setenv("PEFT_TUNER_KILL_AT", "after_step:3")  # the first to reach its 3rd step dies there
+    with pytest.raises(RuntimeError, match="training failed"):
+        main(args)
+    monkeypatch.delenv("PEFT_TUNER_KILL_AT")
+    assert not (out / "teacher3").exists()  # a failure starts nothing more
+
+    assert main(args) == 0
+    starts = {seed: [r for r in records(out / f"teacher{seed}") if r["event"] == "start"] for seed in (1, 2)}
+    assert [r["start_step"] for r in starts[1]] == [0, 2] or [r["start_step"] for r in starts[2]] == [0, 2], starts
+    assert {s[-1]["cpu_threads"] for s in starts.values()} == {max(1, (os.cpu_count() or 1) // 2)}  # started as a pair
+    assert all(summary(out / f"teacher{seed}")["steps_done"] == 4 for seed in (1, 2, 3))
+    assert json.loads((out / "distill_plan.json").read_text())["overrides"] == []  # how many at once is not a setting
+    assert main(["distill", str(recipe), "--out", str(out)]) == 0  # the same distillation: every run kept
+
+
 @pytest.mark.slow
 def test_distill_stopped_by_sigterm_lets_the_teacher_checkpoint_then_continues(tiny_models, tmp_path, data_dir):
     """SIGTERM to `peft-tuner distill` reaches every worker of its DeepSpeed run (2 processes), which save a checkpoint
