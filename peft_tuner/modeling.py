@@ -212,10 +212,15 @@ class CpuDropout(torch.nn.Module):
     probability is `p` rounded to a multiple of 1/65536 (0.1 becomes 0.10000610) and the kept elements are scaled by
     the inverse of the kept share, so the expected activation is unchanged, as nn.Dropout's."""
 
+    @staticmethod
+    def fits(p: float) -> bool:
+        """p is at least 1/65536 from 0 and from 1."""
+        return 0 < round(p * 65536) < 65536
+
     def __init__(self, p: float):
         super().__init__()
         dropped = round(p * 65536)
-        if not 0 < dropped < 65536:
+        if not self.fits(p):
             raise ValueError(f"CpuDropout: p={p} rounds to {dropped}/65536; it needs 0 < p < 1 (at least 1/65536 from each)")
         self.p = dropped / 65536
         self.threshold = dropped - 32768  # an element is dropped where its 16 bits, read as int16, fall below this
@@ -239,7 +244,7 @@ def cpu_dropout(model) -> int:
     replaced = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is torch.nn.Dropout and not child.inplace and 1 <= round(child.p * 65536) < 65536:
+            if type(child) is torch.nn.Dropout and not child.inplace and CpuDropout.fits(child.p):
                 setattr(parent, name, CpuDropout(child.p))
                 replaced += 1
     return replaced

@@ -51,9 +51,10 @@ def train_in_subprocess(recipe, overrides: list[str], processes: int, train_dir:
 def train_in_subprocesses(recipe, runs: list[Run], processes: int, at_once: int = 1) -> list[dict]:
     """Train `runs`, `at_once` of them at a time, and return their summaries in order. The cores are shared out
     between the processes that run together (OMP_NUM_THREADS): small matrix products keep one thread busier than
-    two (two SmolLM2 recipe runs on 2 cores: 184 and 193 s one after the other with 2 threads, 261 and 263 s side by
-    side with 1 thread each, 1.43x the work done). The runs' summary lines are shown as they come, named when several run. A failed run stops
-    the others (each saves a checkpoint), then its error carries the command and its last 40 lines of output."""
+    two (SmolLM2 recipe runs on 2 cores: 184 and 193 s alone with 2 threads, seeds 42 / 7; 261 and 263 s side by side
+    with 1 thread each, seeds 1 / 2: 1.43x the work done). The runs' summary lines are shown as they come, named when
+    several run. A failed run stops the others (each saves a checkpoint), then its error carries the command and its
+    last 40 lines of output."""
     cores = os.cpu_count() or processes
     pending, started, running, failed = list(runs), [], [], None
     with stop_signals_passed_to(running) as stopped:
