@@ -251,7 +251,9 @@ def setup_engine(model, ds_config: dict, cfg: Config, total_steps: int):
 
 
 def verify_adapter(engine, cfg: Config, data: TrainData, tokenizer, adapter_dir: Path) -> Optional[float]:
-    """Largest |logit| difference between the trained engine and the saved adapter reloaded on a fresh base model."""
+    """Largest |logit| difference between the trained engine and the saved adapter reloaded on a fresh base model,
+    its parameters in the engine's dtypes: under bf16 weights the engine runs its adapter in bf16 where peft reloads
+    it in fp32, and that rounding alone moves SmolLM2's logits by up to 1.5, hiding the errors this check is for."""
     batch = collate(data.examples[:4], tokenizer.pad_token_id)
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     if not is_prompt_learning(engine.module):
@@ -264,6 +266,9 @@ def verify_adapter(engine, cfg: Config, data: TrainData, tokenizer, adapter_dir:
     difference = None
     if dist.is_main():
         reloaded = load_trained_model(cfg.model, adapter_dir).eval()
+        engine_dtypes = {name: p.dtype for name, p in engine.module.named_parameters()}
+        for name, p in reloaded.named_parameters():  # buffers (rotary frequencies) keep their dtype, as the engine's do
+            p.data = p.data.to(engine_dtypes.get(name, p.dtype))
         with torch.no_grad():
             again = reloaded(**inputs).logits[:, -length:].float()
         mask = batch["attention_mask"].bool()

@@ -46,6 +46,7 @@ def runs(tiny_models, data_dir, tmp_path_factory):
                      [f"train.batch_size={micro}", f"train.gradient_accumulation={accumulation}", "train.epochs=3"]))
     plan.append(("padding-free8x1", tiny_models["llama"], ["train.batch_size=8", "train.epochs=3", "train.padding_free=true"]))
     plan.append(("autocast-bf16", tiny_models["llama"], ["train.batch_size=8", "train.epochs=3", "train.autocast=bf16"]))
+    plan.append(("weights-bf16", tiny_models["llama"], ["train.batch_size=8", "train.epochs=3", "model.dtype=bf16"]))
     plan.append(("adalora", tiny_models["llama"],
                  ["peft.method=adalora", "peft.r=4", "train.epochs=4", f"deepspeed={ds_config('zero0.json')}"]))
     for arch in PINNED:
@@ -81,6 +82,16 @@ def test_adalora_trains_through_the_engine_and_reloads(runs):
     assert results["adalora"]["adapter_max_logit_diff"] < 1e-4
     config = json.loads((root / "adalora" / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == "ADALORA" and config["target_r"] == 4
+
+
+def test_bf16_weights_train_and_the_saved_adapter_reproduces_the_engine(runs):
+    """model.dtype=bf16: the engine computes its adapter in bf16 and peft reloads adapters in fp32; the reload check
+    gives the reloaded adapter the engine's dtypes, so it measures what was saved, not the rounding (which alone moves
+    this model's logits by a few thousandths)."""
+    root, results = runs
+    losses = step_losses(root / "weights-bf16")
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    assert results["weights-bf16"]["adapter_max_logit_diff"] < 1e-3, results["weights-bf16"]
 
 
 def test_padding_free_training_gives_the_losses_of_padded_batches(runs):
