@@ -11,7 +11,8 @@ each other down); each is repeated and the medians are reported.
 
 - peft-example: the PEFT example's loop (peft_lora_clm_accelerate_ds_zero3_offload.py), written again here: every row
   left-padded to 64 tokens, label + pad token appended, labels -100 on prompt and padding, accelerate's Accelerator
-  (its DeepSpeed plugin under `accelerate launch`); evaluation by greedy generation of 10 tokens, matched exactly.
+  (its DeepSpeed plugin under `accelerate launch`, on 2 processes under ZeRO-2 and ZeRO-3 as ours); evaluation by
+  greedy generation of 10 tokens, matched exactly.
 - hf-trainer, hf-trainer-grouped: transformers' Trainer on the peft model, DataCollatorForSeq2Seq, group_by_length
   off and on.
 - trl-sft-padding-free: TRL's SFTTrainer with padding_free=True (prompt / completion rows, loss on the completion).
@@ -136,20 +137,28 @@ def run_peft_example(model_dir: Path, epochs: int, evaluate: bool) -> dict:
         examples.append({"input_ids": torch.tensor(([tokenizer.pad_token_id] * pad + ids)[:n]),
                          "attention_mask": torch.tensor(([0] * pad + [1] * len(ids))[:n]),
                          "labels": torch.tensor(([-100] * pad + labels)[:n])})
-    per_rank = SETTINGS["batch"] // accelerator.num_processes
+    # The processes and this one's rank as the launcher set them. On a GPU accelerate counts them too; on a machine
+    # with no accelerator `accelerate launch` starts them and DeepSpeed joins them (deepspeed.initialize reads the
+    # launcher's environment), but accelerate's own state counts one process: so the batch per rank and the loader's
+    # shard come from the launcher's environment, the loader sharded here rather than by accelerate.
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    per_rank = SETTINGS["batch"] // world
     plugin = accelerator.state.deepspeed_plugin
     if plugin is not None:  # the example's accelerate config names the batch; here the DeepSpeed file says "auto"
         plugin.deepspeed_config.update(train_micro_batch_size_per_gpu=per_rank, gradient_accumulation_steps=1,
                                        train_batch_size=SETTINGS["batch"])
-    loader = torch.utils.data.DataLoader(examples, shuffle=True, batch_size=per_rank)
+    sampler = torch.utils.data.DistributedSampler(examples, num_replicas=world, rank=rank, shuffle=True, seed=SETTINGS["seed"])
+    loader = torch.utils.data.DataLoader(examples, sampler=sampler, batch_size=per_rank)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), lora_config())
     optimizer = torch.optim.AdamW(model.parameters(), lr=SETTINGS["lr"])
     scheduler = get_linear_schedule_with_warmup(optimizer, 0, len(loader) * epochs)
-    model, loader, optimizer, scheduler = accelerator.prepare(model, loader, optimizer, scheduler)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     curve, tokens, loop_seconds, loss = [], 0, 0.0, float("nan")
-    for _ in range(epochs):
+    for epoch in range(epochs):
         model.train()
+        sampler.set_epoch(epoch)
         for batch in loader:
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             began = time.time()
             loss = model(**batch).loss
             accelerator.backward(loss)
@@ -161,8 +170,8 @@ def run_peft_example(model_dir: Path, epochs: int, evaluate: bool) -> dict:
             tokens += int(batch["attention_mask"].sum())
             curve.append((round(loop_seconds, 3), loss))
     result = {"loop_seconds": loop_seconds, "real_tokens": tokens, "final_loss": loss, "curve": curve,
-              "peak_memory_gb": peak_rss_gb(), "rank": accelerator.process_index, "processes": accelerator.num_processes}
-    if evaluate and accelerator.is_main_process:
+              "peak_memory_gb": peak_rss_gb(), "rank": rank, "processes": world}
+    if evaluate and rank == 0:
         result["eval"] = {"generate": generate_accuracy(accelerator.unwrap_model(model), tokenizer, rows("dev"))}
     return result
 
@@ -327,6 +336,7 @@ def run_peer(loop: str, model: str, epochs: int, processes: int, stage: int, wor
     result["real_tokens"] = sum(p["real_tokens"] for p in parts)
     result["loop_seconds"] = max(p["loop_seconds"] for p in parts)
     result["peak_memory_gb"] = max(p["peak_memory_gb"] for p in parts)
+    result["final_loss"] = statistics.mean(p["final_loss"] for p in parts)  # each rank's loss is of its own rows
     return result
 
 
@@ -335,9 +345,8 @@ def run_peer(loop: str, model: str, epochs: int, processes: int, stage: int, wor
 
 
 def cases(models: list[str]) -> list[dict]:
-    """(model, processes, ZeRO stage, loops): every loop on 1 process; ours on 2 under ZeRO-2 and ZeRO-3. (The example's
-    loop under `accelerate launch` with the DeepSpeed plugin stopped at DeepSpeed's batch-size assertion, micro-batch 8
-    reported for the 4 its dataloader holds; `run_peer` can run it once that is solved.)"""
+    """(model, processes, ZeRO stage, loops): every loop on 1 process; the example's loop and ours on 2 under ZeRO-2
+    and ZeRO-3 (the example's under `accelerate launch` with the DeepSpeed plugin, as its README runs it)."""
     from peft_tuner.modeling import native_bf16
 
     ours = [loop for loop in OURS if native_bf16() or not loop.endswith("-bf16")]
@@ -345,7 +354,8 @@ def cases(models: list[str]) -> list[dict]:
     for model in models:
         out.append({"model": model, "processes": 1, "stage": 0, "loops": list(PEERS) + ours})
         for stage in (2, 3):
-            out.append({"model": model, "processes": 2, "stage": stage, "loops": [l for l in ours if not l.endswith("-bf16")]})
+            out.append({"model": model, "processes": 2, "stage": stage,
+                        "loops": ["peft-example"] + [l for l in ours if not l.endswith("-bf16")]})
     return out
 
 
@@ -441,7 +451,7 @@ def write_report(run_id: str) -> None:
             for key in evals:
                 ratio = f"{rate[key] / rate[reference]:.2f}x" if reference in rate else "-"
                 lines.append(f"| {key[0]}, {key[1]} | {rate[key]:.2f} | {accuracy[key]:.4f} | {ratio} |")
-        if processes == 1 and "peft-example" in speed and ours:
+        if "peft-example" in speed and ours:
             lines += [""] + targets(speed, memory, rate, accuracy, ours, reference)
         lines.append("")
     if _plot(records):
