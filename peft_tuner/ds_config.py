@@ -72,8 +72,20 @@ def _from_accelerate_plugin() -> tuple[dict, str, bool]:
     return raw, source, bool(plugin.zero3_init_flag)
 
 
-def resolve_deepspeed_config(raw: dict, cfg: Config, n_processes: int, source: str = "deepspeed config") -> dict:
-    """Fill "auto" values from the recipe; concrete values that contradict it are errors naming both."""
+# ZeRO's sizes that "auto" fills from the model's hidden size h, as transformers' Trainer and accelerate fill them.
+# DeepSpeed's own defaults (prefetch 5e7 parameters, reduce buckets of 5e8) suit billions of parameters: on SmolLM2
+# (h=576) under ZeRO-3 on 2 CPU processes they gave 2.89 GB per process and 66 tokens/s, these 2.38 GB and 79.
+HIDDEN_SIZE_AUTO = {
+    "reduce_bucket_size": lambda h: h * h,
+    "stage3_prefetch_bucket_size": lambda h: int(0.9 * h * h),
+    "stage3_param_persistence_threshold": lambda h: 10 * h,
+}
+
+
+def resolve_deepspeed_config(raw: dict, cfg: Config, n_processes: int, source: str = "deepspeed config",
+                             hidden_size: Optional[int] = None) -> dict:
+    """Fill "auto" values from the recipe (and ZeRO's sizes from the model's `hidden_size`); concrete values that
+    contradict the recipe are errors naming both."""
     ds = copy.deepcopy(raw)
     t = cfg.train
     filled = {
@@ -108,7 +120,10 @@ def resolve_deepspeed_config(raw: dict, cfg: Config, n_processes: int, source: s
         problems.append(f"{source}: has a 'scheduler' section; remove it and set train.lr_scheduler / train.warmup_ratio instead")
     zero = ds.setdefault("zero_optimization", {"stage": 0})
     for key in [k for k, v in zero.items() if v == "auto"]:
-        del zero[key]  # bucket sizes and the like: DeepSpeed's defaults
+        if hidden_size and key in HIDDEN_SIZE_AUTO:
+            zero[key] = HIDDEN_SIZE_AUTO[key](hidden_size)
+        else:
+            del zero[key]  # the other sizes: DeepSpeed's defaults
     if zero.get("stage", 0) not in (0, 1, 2, 3):
         problems.append(f"{source}: zero_optimization.stage={zero.get('stage')} is not 0, 1, 2 or 3")
     if any(zero.get(f"offload_{k}", {}).get("device", "none") != "none" for k in ("optimizer", "param")):

@@ -342,6 +342,19 @@ def resolve_target_modules(model, settings: PeftSettings):
     return targets
 
 
+def model_hidden_size(model_cfg: ModelConfig) -> Optional[int]:
+    """The model's hidden size from its config alone; None where it cannot be read (the model checks say why)."""
+    from transformers import AutoConfig
+
+    try:
+        source, gguf_file = resolve_model_source(model_cfg)
+        config = AutoConfig.from_pretrained(source, gguf_file=gguf_file, trust_remote_code=model_cfg.trust_remote_code)
+    except Exception:
+        return None
+    size = getattr(config, "hidden_size", None) or max(getattr(config, "hidden_sizes", None) or [0])
+    return int(size) or None
+
+
 def check_peft_applies(model_cfg: ModelConfig, settings: PeftSettings) -> None:
     """Target modules and method checked on a weightless skeleton of the model (meta device): seconds, not minutes."""
     from transformers import AutoConfig, AutoModelForCausalLM

@@ -25,7 +25,7 @@ from peft_tuner.data import (IGNORE_INDEX, DataError, Encoder, SftEncoder, build
                              collate_padding_free, encode_sft_rows, encode_training_rows, prepare_split, read_table,
                              real_tokens, sft_rows, text_blocks)
 from peft_tuner.errors import PeftTunerError
-from peft_tuner.modeling import (DTYPES, add_neftune_noise, attend_row_by_row, build_peft_model, check_peft_applies,
+from peft_tuner.modeling import (DTYPES, add_neftune_noise, attend_row_by_row, build_peft_model, check_peft_applies, model_hidden_size,
                                  count_parameters, cpu_dropout, eval_dtype, is_prompt_learning, keep_adalora_mask,
                                  load_base_model, load_tokenizer, load_trained_model, native_bf16)
 from peft_tuner.scoring import label_token_losses, text_loss_over_ranks
@@ -166,7 +166,7 @@ def _deepspeed_config(cfg: Config, world: int) -> tuple[dict, str, int]:
     raw, source, zero3_init = ds_config_for.deepspeed_source(cfg)
     if zero3_init is not None:  # accelerate's zero3_init_flag; the config saved with the run says what was done
         cfg.train.zero3_init = zero3_init
-    ds_config = ds_config_for.resolve_deepspeed_config(raw, cfg, world, source)
+    ds_config = ds_config_for.resolve_deepspeed_config(raw, cfg, world, source, model_hidden_size(cfg.model))
     stage = ds_config_for.zero_stage(ds_config)
     problem = ds_config_for.check_method_fits_zero(cfg.peft.method, stage)
     if problem:
@@ -387,6 +387,10 @@ def evaluate_during_training(engine, cfg: Config, data: TrainData, tokenizer) ->
         loss = text_loss_over_ranks(engine.module, data.eval_blocks, cfg.eval.batch_size, tokenizer.pad_token_id)
         metrics = {"eval_loss": loss, "perplexity": math.exp(loss)}
         said = f"eval loss {loss:.4f}, perplexity {math.exp(loss):.2f} on {len(data.eval_blocks)} examples"
+    # Under ZeRO-3 the last forwards left weights prefetched for forwards that will not come; gathering the adapter
+    # to save it as the best so far would find them in flight (DeepSpeed's "Cannot partition a param in flight",
+    # with prefetch buckets the size of the hidden layer). Release them all; a no-op below ZeRO-3.
+    engine.empty_partition_cache()
     engine.train()
     return metrics, said
 

@@ -91,6 +91,24 @@ def test_match_prior_needs_rank_classification_and_unlabelled_rows():
         load_config(str(RECIPES[0]), ["eval.prior_rows=0"])
 
 
+def test_zero_sizes_left_auto_follow_the_models_hidden_size(tiny_models):
+    """As transformers' Trainer and accelerate fill them: reduce buckets h^2, ZeRO-3 prefetch 0.9 h^2, persistence
+    10 h; a size given as a number is kept, and without a readable model DeepSpeed's defaults apply."""
+    from peft_tuner.modeling import model_hidden_size
+
+    cfg = load_config(str(RECIPES[0]), [f"model.name_or_path={tiny_models['gpt2']}"])
+    hidden = model_hidden_size(cfg.model)
+    assert hidden == 64  # GPT-2 names it n_embd; its config answers to hidden_size too
+    raw = read_deepspeed_file(str(ROOT / "ds_configs" / "zero3.json"))
+    raw["zero_optimization"]["reduce_bucket_size"] = 1000
+    zero = resolve_deepspeed_config(raw, cfg, 2, hidden_size=hidden)["zero_optimization"]
+    assert (zero["reduce_bucket_size"], zero["stage3_prefetch_bucket_size"], zero["stage3_param_persistence_threshold"]) \
+        == (1000, int(0.9 * 64 * 64), 640)
+    zero = resolve_deepspeed_config(read_deepspeed_file(str(ROOT / "ds_configs" / "zero3.json")), cfg, 2)["zero_optimization"]
+    assert "stage3_prefetch_bucket_size" not in zero and "reduce_bucket_size" not in zero
+    assert model_hidden_size(load_config(str(RECIPES[0]), ["model.name_or_path=/no/such/model"]).model) is None
+
+
 def test_deepspeed_batch_sizes_that_contradict_the_recipe(tmp_path):
     cfg = load_config(str(RECIPES[0]), ["train.batch_size=4"])
     with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu=8 contradicts the recipe's train.batch_size=4"):
