@@ -365,6 +365,7 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--loops", nargs="+", help="only these loops")
+    p.add_argument("--processes", type=int, choices=[1, 2], help="only the cases on this many processes")
     p.add_argument("--no-write", action="store_true", help="do not rewrite docs/benchmarks.md")
     args = p.parse_args(argv)
     if not DATA.is_dir():
@@ -379,6 +380,8 @@ def main(argv=None) -> int:
     command = "python bench/speed_vs_peers.py " + " ".join(argv if argv is not None else sys.argv[1:])
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     for case in cases(args.models):
+        if args.processes and case["processes"] != args.processes:
+            continue
         for loop in case["loops"]:
             if args.loops and loop not in args.loops:
                 continue
