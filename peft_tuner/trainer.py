@@ -25,9 +25,9 @@ from peft_tuner.data import (IGNORE_INDEX, DataError, Encoder, SftEncoder, build
                              collate_padding_free, encode_sft_rows, encode_training_rows, prepare_split, read_table,
                              real_tokens, sft_rows, text_blocks)
 from peft_tuner.errors import PeftTunerError
-from peft_tuner.modeling import (DTYPES, add_neftune_noise, attend_row_by_row, build_peft_model, check_peft_applies, model_hidden_size,
+from peft_tuner.modeling import (DTYPES, add_neftune_noise, attend_row_by_row, build_peft_model, check_peft_applies,
                                  count_parameters, cpu_dropout, eval_dtype, is_prompt_learning, keep_adalora_mask,
-                                 load_base_model, load_tokenizer, load_trained_model, native_bf16)
+                                 load_base_model, load_tokenizer, load_trained_model, model_hidden_size, native_bf16)
 from peft_tuner.scoring import label_token_losses, text_loss_over_ranks
 from peft_tuner.trackers import PREFIXES, check_trackers, numeric, open_trackers
 
