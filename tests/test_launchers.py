@@ -52,10 +52,12 @@ def test_launcher_trains_and_saves_a_loadable_adapter(trained, tiny_models, data
     assert (s["world_size"], s["zero_stage"]) == (2, stage)
     assert s["adapter_max_logit_diff"] < 1e-4
     assert proc.stdout.count("peft-tuner train |") == 1  # rank 0 alone reports
+    start = next(r for r in records(out) if r["event"] == "start")
+    # ZeRO-3 on the CPU: gathered weights get their own mappings (map_gathered_weights_apart); below it, malloc's own rule
+    assert start["malloc_mmap_threshold"] == (2**20 if stage == 3 else None), start["malloc_mmap_threshold"]
     if launcher == "deepspeed":  # no OMP_NUM_THREADS: the 2 processes on this machine take half the cores each
         alone = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"], check=True,
                                capture_output=True, text=True, env={k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"})
-        start = next(r for r in records(out) if r["event"] == "start")
         assert start["cpu_threads"] == max(1, int(alone.stdout) // 2), (start["cpu_threads"], alone.stdout)
     if "train.eval_each_epoch=true" in extra:
         # the accuracy after the last epoch, measured inside the partitioned ZeRO-3 engine, is what evaluate measures
@@ -91,6 +93,36 @@ def test_zero3_on_two_processes_matches_one_process(trained):
     assert z3_weights.keys() == one_weights.keys()
     for key in z3_weights:
         torch.testing.assert_close(z3_weights[key], one_weights[key], atol=1e-4, rtol=1e-3)
+
+
+BLOCK_AFTER_A_FREED_MAPPING = """
+import ctypes, sys
+from peft_tuner import distributed as dist
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
+libc.mallinfo2.restype = MallInfo2
+set_here = dist.map_gathered_weights_apart(int(sys.argv[1]))
+libc.free(libc.malloc(8 << 20))  # by glibc's own rule, blocks up to 8 MB would now come from its heap
+before = libc.mallinfo2().hblkhd
+block = libc.malloc(2 << 20)  # a gathered weight's size
+print(set_here, libc.mallinfo2().hblkhd - before)
+"""
+
+
+@pytest.mark.parametrize("stage,env,mapped", [(3, {}, True), (2, {}, False), (3, {"MALLOC_ARENA_MAX": "2"}, False)],
+                         ids=["zero3", "zero2", "zero3-malloc-tuned-by-the-user"])
+def test_under_zero3_on_the_cpu_a_gathered_weight_gets_its_own_mapping(stage, env, mapped):
+    proc = subprocess.run([sys.executable, "-c", BLOCK_AFTER_A_FREED_MAPPING, str(stage)], capture_output=True, text=True,
+                          env={**os.environ, **env}, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    set_here, bytes_mapped = proc.stdout.split()
+    assert set_here == str(mapped)
+    assert (int(bytes_mapped) >= 2 << 20) == mapped, bytes_mapped  # its own mapping, given back to the system when freed
 
 
 LEAVE_GROUP = """
