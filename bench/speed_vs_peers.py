@@ -330,9 +330,14 @@ def run_peer(loop: str, model: str, epochs: int, processes: int, stage: int, wor
     else:
         cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
                str(ROOT / "ds_configs" / f"accelerate_zero{stage}.yaml"), "--num_processes", str(processes), *entry]
-    subprocess.run(cmd, check=True, capture_output=True, text=True, env=_env(processes))
-    parts = [json.loads(Path(f"{out}.rank{r}").read_text()) for r in range(processes)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(processes))
+    files = [Path(f"{out}.rank{r}") for r in range(processes)]
+    if proc.returncode != 0 and not all(f.exists() for f in files):
+        raise subprocess.CalledProcessError(proc.returncode, cmd, proc.stdout, proc.stderr)
+    parts = [json.loads(f.read_text()) for f in files]
     result = parts[0]
+    if proc.returncode != 0:  # seen under ZeRO-3, 2 runs in 3 once: a rank aborted after its loop had ended and reported
+        result["exit"] = f"exit code {proc.returncode} after every rank wrote its result: {proc.stderr.strip()[-300:]}"
     result["real_tokens"] = sum(p["real_tokens"] for p in parts)
     result["loop_seconds"] = max(p["loop_seconds"] for p in parts)
     result["peak_memory_gb"] = max(p["peak_memory_gb"] for p in parts)
