@@ -255,12 +255,13 @@ def map_gathered_weights_apart(zero_stage: int) -> bool:
     PEFT example, SmolLM2, 2 processes). With the threshold fixed at 1 MB each gathered weight has its mapping and goes
     back to the system when freed: 1.8 GB, at the same speed (the trim threshold, fixed with it, is set high: giving the
     heap's top back after every step cost a fifth of the speed). Set once, before the model loads; left alone where the
-    user tunes malloc (MALLOC_*_ or GLIBC_TUNABLES), with a GPU, below ZeRO-3 (no change measured under ZeRO-2 or on
-    one process) and off glibc. Returns whether it was set."""
+    user tunes malloc (MALLOC_*_ or GLIBC_TUNABLES) or preloads another (jemalloc, tcmalloc), with a GPU, below ZeRO-3
+    (no change measured under ZeRO-2 or on one process) and off glibc. Returns whether it was set."""
     import ctypes
     import platform
 
-    tuned = any(k.startswith("MALLOC_") for k in os.environ) or "malloc" in os.environ.get("GLIBC_TUNABLES", "")
+    env = os.environ
+    tuned = any(k.startswith("MALLOC_") for k in env) or any("malloc" in env.get(k, "") for k in ("GLIBC_TUNABLES", "LD_PRELOAD"))
     if zero_stage != 3 or torch.cuda.is_available() or tuned or platform.libc_ver()[0] != "glibc":
         return False
     libc = ctypes.CDLL(None)

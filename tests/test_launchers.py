@@ -114,8 +114,9 @@ print(set_here, libc.mallinfo2().hblkhd - before)
 """
 
 
-@pytest.mark.parametrize("stage,env,mapped", [(3, {}, True), (2, {}, False), (3, {"MALLOC_ARENA_MAX": "2"}, False)],
-                         ids=["zero3", "zero2", "zero3-malloc-tuned-by-the-user"])
+@pytest.mark.parametrize("stage,env,mapped", [(3, {}, True), (2, {}, False), (3, {"MALLOC_ARENA_MAX": "2"}, False),
+                                               (3, {"LD_PRELOAD": "/nowhere/libjemalloc.so.2"}, False)],
+                         ids=["zero3", "zero2", "zero3-malloc-tuned-by-the-user", "zero3-another-malloc-preloaded"])
 def test_under_zero3_on_the_cpu_a_gathered_weight_gets_its_own_mapping(stage, env, mapped):
     proc = subprocess.run([sys.executable, "-c", BLOCK_AFTER_A_FREED_MAPPING, str(stage)], capture_output=True, text=True,
                           env={**os.environ, **env}, cwd=ROOT)
