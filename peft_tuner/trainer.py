@@ -292,6 +292,8 @@ def fit(engine, cfg: Config, data: TrainData, tokenizer, log: "RunLog", global_b
     pass_positions = not is_prompt_learning(engine.module)
     forward_dtype = train_autocast_dtype(cfg)  # resolved once, not per micro-step
     total_steps = steps_per_epoch * cfg.train.epochs
+    # Padding-free, a rank's step costs about its tokens: the global batch's rows are shared out by length
+    lengths = [len(e["input_ids"]) for e in data.examples] if cfg.train.padding_free and world > 1 else None
     stop = StopRequest()
     progress = _progress_bar(total_steps, start_step)
     step_times, last_loss, step, stopped_early = [], float("nan"), start_step, False
@@ -304,7 +306,7 @@ def fit(engine, cfg: Config, data: TrainData, tokenizer, log: "RunLog", global_b
                 continue
             began = time.time()
             indices = global_batch_indices(order, step_in_epoch, global_batch)
-            mine = indices[rank * micro * accumulation:(rank + 1) * micro * accumulation]
+            mine = rank_share(indices, world, rank, lengths)
             rows = [[data.examples[i] for i in mine[k * micro:(k + 1) * micro]] for k in range(accumulation)]
             batches = [collate_padding_free(r) if cfg.train.padding_free else collate(r, tokenizer.pad_token_id) for r in rows]
             local_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
@@ -513,6 +515,22 @@ def global_batch_indices(order: list[int], step_in_epoch: int, global_batch: int
     """The step's global batch; the last one of an epoch is filled up from the start of the order."""
     start = step_in_epoch * global_batch
     return [order[(start + i) % len(order)] for i in range(global_batch)]
+
+
+def rank_share(indices: list[int], world: int, rank: int, lengths: Optional[list[int]] = None) -> list[int]:
+    """This rank's rows of the step's global batch: an equal number each. In order (rank 0 the first run of them), or,
+    given the rows' lengths, longest first, each to the rank with the fewest tokens so far, so that no rank waits on
+    another at the step's all-reduce: the step's gradient is the same whatever the split (the loss is the mean over
+    the global batch's label tokens), and every rank computes the same split."""
+    per_rank = len(indices) // world
+    if lengths is None:
+        return indices[rank * per_rank:(rank + 1) * per_rank]
+    shares, loads = [[] for _ in range(world)], [0] * world
+    for i in sorted(indices, key=lambda i: -lengths[i]):
+        r = min((r for r in range(world) if len(shares[r]) < per_rank), key=lambda r: loads[r])
+        shares[r].append(i)
+        loads[r] += lengths[i]
+    return shares[rank]
 
 
 def _loop_state(global_step: int, epoch: int, world: int, stage: int, best: BestSoFar) -> dict:

@@ -236,3 +236,21 @@ def test_row_by_row_attention_runs_short_half_precision_rows_in_fp32():
             own = F.scaled_dot_product_attention(q[:, :, a:b].float(), k[:, :, a:b].float(), v[:, :, a:b].float(),
                                                  is_causal=True).transpose(1, 2)
             torch.testing.assert_close(out[:, a:b].float(), own, atol=2e-2, rtol=2e-2)
+
+
+def test_padding_free_ranks_share_the_global_batch_by_tokens():
+    """Every rank takes as many rows, together the global batch's; by length, the most tokens a rank gets is no more
+    than the plain split's, and on this batch less (the plain split gives rank 0 the long rows)."""
+    from peft_tuner.trainer import rank_share
+
+    lengths = [60, 55, 50, 48, 20, 18, 17, 15, 33, 33]
+    indices = [0, 1, 2, 3, 4, 5, 6, 7, 8, 8]  # the last global batch of an epoch repeats rows from its start
+    for lens in (None, lengths):
+        shares = [rank_share(indices, 2, r, lens) for r in range(2)]
+        assert [len(s) for s in shares] == [5, 5]
+        assert sorted(shares[0] + shares[1]) == sorted(indices)
+    plain = max(sum(lengths[i] for i in rank_share(indices, 2, r)) for r in range(2))
+    balanced = max(sum(lengths[i] for i in rank_share(indices, 2, r, lengths)) for r in range(2))
+    assert plain == 60 + 55 + 50 + 48 + 20
+    assert balanced == -(-sum(lengths[i] for i in indices) // 2)  # an even split, to the token
+    assert rank_share(indices, 1, 0, lengths) == sorted(indices, key=lambda i: -lengths[i])
