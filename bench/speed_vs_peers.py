@@ -336,7 +336,7 @@ def run_peer(loop: str, model: str, epochs: int, processes: int, stage: int, wor
         raise subprocess.CalledProcessError(proc.returncode, cmd, proc.stdout, proc.stderr)
     parts = [json.loads(f.read_text()) for f in files]
     result = parts[0]
-    if proc.returncode != 0:  # seen under ZeRO-3, 2 runs in 3 once: a rank aborted after its loop had ended and reported
+    if proc.returncode != 0:  # every rank reported, then the launcher failed (a rank aborting on its way out)
         result["exit"] = f"exit code {proc.returncode} after every rank wrote its result: {proc.stderr.strip()[-300:]}"
     result["real_tokens"] = sum(p["real_tokens"] for p in parts)
     result["loop_seconds"] = max(p["loop_seconds"] for p in parts)

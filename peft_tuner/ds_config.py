@@ -74,7 +74,7 @@ def _from_accelerate_plugin() -> tuple[dict, str, bool]:
 
 # ZeRO's sizes that "auto" fills from the model's hidden size h, as transformers' Trainer and accelerate fill them.
 # DeepSpeed's own defaults (prefetch 5e7 parameters, reduce buckets of 5e8) suit billions of parameters: on SmolLM2
-# (h=576) under ZeRO-3 on 2 CPU processes they gave 2.89 GB per process and 66 tokens/s, these 2.38 GB and 79.
+# (h=576) under ZeRO-3 on 2 CPU processes they gave 2.89 GB per process and 66 tokens/s, these 2.37 GB and 79-88.
 HIDDEN_SIZE_AUTO = {
     "reduce_bucket_size": lambda h: h * h,
     "stage3_prefetch_bucket_size": lambda h: int(0.9 * h * h),
