@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows", type=int, help="label the first N rows of data.test_file (default: distill.rows, 400)")
     p.add_argument("--student-epochs", type=int, help="the student's epochs (default: distill.student_epochs, 3)")
     p.add_argument("--parallel", type=int, help="teachers trained at once (default: distill.parallel, 1)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16", "auto"], help="the weights' dtype of the teachers and "
+                   "the student; auto: bf16 where this machine computes it natively (default: distill.dtype, else "
+                   "model.dtype)")
     p.add_argument("--processes", type=int, default=1, help="1: one plain process; N > 1: DeepSpeed ZeRO-2 on N "
                    "GPUs, or N CPU processes")
     p.add_argument("--overwrite", action="store_true", help="replace a distillation with other settings in --out "
@@ -290,7 +293,8 @@ def _distill(args) -> int:
     recipes, overrides = recipe_and_overrides(args)
     if len(recipes) != 1:
         raise ConfigError(f"distill: give one recipe YAML (got {recipes or 'none'})")
-    flags = {"teachers": args.teachers, "rows": args.rows, "student_epochs": args.student_epochs, "parallel": args.parallel}
+    flags = {"teachers": args.teachers, "rows": args.rows, "student_epochs": args.student_epochs, "parallel": args.parallel,
+             "dtype": args.dtype}
     overrides += [f"distill.{k}={v}" for k, v in flags.items() if v is not None]
     distill(recipes[0], args.out, overrides, processes=args.processes, overwrite=args.overwrite)
     return 0

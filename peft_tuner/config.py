@@ -152,6 +152,9 @@ class DistillConfig:
     rows: Optional[int] = _help(400, "`peft-tuner distill`: the first N rows of data.test_file that the teachers' ensemble labels (null: all).")
     student_epochs: int = _help(3, "`peft-tuner distill`: the student's epochs over the labelled and pseudo-labelled rows.")
     parallel: int = _help(1, "`peft-tuner distill`: how many teachers train at once, the cores shared out between them.")
+    dtype: Optional[str] = _help(None, "`peft-tuner distill`: the weights' dtype of the teachers and the student: fp32, "
+                                       "bf16, fp16, or auto (bf16 where this machine computes it natively: a GPU with bf16, "
+                                       "a CPU with AVX-512 BF16 or AMX; else model.dtype); default model.dtype.")
 
 
 @dataclass
@@ -514,6 +517,8 @@ def validate(cfg: Config) -> list[str]:
     check(cfg.distill.rows is None or cfg.distill.rows >= 1, "distill.rows: must be at least 1 (null: every row)")
     check(cfg.distill.student_epochs >= 1, "distill.student_epochs: must be at least 1")
     check(cfg.distill.parallel >= 1, "distill.parallel: must be at least 1")
+    check(cfg.distill.dtype in (None, "fp32", "bf16", "fp16", "auto"),
+          f"distill.dtype: '{cfg.distill.dtype}' is not one of fp32, bf16, fp16, auto")
     if cfg.data.prompt_template is not None:
         check("{" in cfg.data.prompt_template, "data.prompt_template: name at least one column in braces, e.g. '{Tweet text}'")
     return problems

@@ -124,12 +124,13 @@ PLAN_FILE = "distill_plan.json"
 
 
 def teacher_settings(plan: dict) -> tuple:
-    """What a teacher's training depends on, besides its seed: the recipe and its overrides, but for distill.*."""
+    """What a teacher's training depends on, besides its seed: the recipe and its overrides, but for distill.*, and
+    the dtype it trains in."""
     import yaml
 
     recipe = yaml.safe_load(plan.get("recipe_text") or "") or {}
     recipe.pop("distill", None)
-    return plan.get("recipe"), recipe, [o for o in plan.get("overrides", []) if not o.startswith("distill.")]
+    return plan.get("recipe"), recipe, [o for o in plan.get("overrides", []) if not o.startswith("distill.")], plan.get("dtype")
 
 
 def distill(recipe: str | Path, out_dir: str | Path, overrides: Optional[list[str]] = None, processes: int = 1,
@@ -144,6 +145,7 @@ def distill(recipe: str | Path, out_dir: str | Path, overrides: Optional[list[st
     from peft_tuner.config import load_config
     from peft_tuner.runner import Run, train_in_subprocesses
     from peft_tuner.evaluate import evaluate, load_task
+    from peft_tuner.modeling import resolve_dtype
 
     started = time.time()
     out = Path(out_dir).resolve()
@@ -154,9 +156,12 @@ def distill(recipe: str | Path, out_dir: str | Path, overrides: Optional[list[st
         raise ConfigError(f"--processes {processes}: must be at least 1")
     cfg = load_config(str(recipe), overrides)
     teachers, rows, student_epochs = cfg.distill.teachers, cfg.distill.rows, cfg.distill.student_epochs
+    dtype = resolve_dtype(cfg.distill.dtype, cfg.model.dtype)  # `auto`: bf16 on this machine, or the recipe's
+    in_dtype = [f"model.dtype={dtype}"] if dtype != cfg.model.dtype else []
     plan = {"recipe": str(Path(recipe).resolve()), "recipe_text": Path(recipe).read_text(),
             "overrides": [o for o in overrides if not o.startswith("distill.parallel=")],  # how, not what, to train
-            "teachers": teachers, "rows": rows, "student_epochs": student_epochs}  # an edited recipe is other settings
+            "teachers": teachers, "rows": rows, "student_epochs": student_epochs,  # an edited recipe is other settings
+            **({"dtype": dtype} if in_dtype else {})}
     if out.exists() and any(out.iterdir()):
         if not (out / PLAN_FILE).is_file():
             raise ConfigError(f"--out {out}: holds files that distill did not write; choose another folder")
@@ -193,7 +198,8 @@ def distill(recipe: str | Path, out_dir: str | Path, overrides: Optional[list[st
     report = {"plan": plan, "teachers": []}
     teacher_dirs = [out / f"teacher{seed}" for seed in range(1, teachers + 1)]
     runs = [run for seed, run_dir in enumerate(teacher_dirs, 1)
-            for run in to_train(f"teacher {seed}/{teachers}, train.seed={seed}", run_dir, [f"train.seed={seed}"], again=False)]
+            for run in to_train(f"teacher {seed}/{teachers}, train.seed={seed}" + (f", {dtype}" if in_dtype else ""), run_dir,
+                                [f"train.seed={seed}"] + in_dtype, again=False)]
     train_in_subprocesses(recipe, runs, processes, at_once=cfg.distill.parallel)
     retrained = bool(runs)  # the teachers are independent; the labels depend on all of them, the student on the labels
     report["teachers"] = [_trained(run_dir) for run_dir in teacher_dirs]
@@ -210,7 +216,7 @@ def distill(recipe: str | Path, out_dir: str | Path, overrides: Optional[list[st
     report["labels"] = json.loads(labels_file.read_text())
 
     student_dir = out / "student"
-    student = student_overrides(load_task(cfg, adapters[0]), distilled, cfg.data.max_rows) + [f"train.epochs={student_epochs}"]
+    student = student_overrides(load_task(cfg, adapters[0]), distilled, cfg.data.max_rows) + [f"train.epochs={student_epochs}"] + in_dtype
     train_in_subprocesses(recipe, to_train(f"student, {student_epochs} epochs on {distilled.name}", student_dir, student,
                                            again=relabelled), processes)
     report["student"] = _trained(student_dir)

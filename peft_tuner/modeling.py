@@ -265,12 +265,17 @@ def load_trained_model(model_cfg: ModelConfig, trained_dir, dtype: Optional[str]
 
 
 def eval_dtype(cfg: Config) -> str:
-    """eval.dtype, `auto` resolved for this machine: bf16 where it is computed natively, else model.dtype. Without
-    native support bf16 is emulated and slow: SmolLM2 rank classification of 300 rows ran at 1.91 examples/s in bf16
-    against 10.06 in fp32 on a 2-core AMD EPYC with AVX2 only (bench/speed_vs_peers.py)."""
-    if cfg.eval.dtype != "auto":
-        return cfg.eval.dtype or cfg.model.dtype
-    return "bf16" if native_bf16() else cfg.model.dtype
+    """eval.dtype, `auto` resolved for this machine (`resolve_dtype`)."""
+    return resolve_dtype(cfg.eval.dtype, cfg.model.dtype)
+
+
+def resolve_dtype(wanted: Optional[str], default: str) -> str:
+    """A dtype setting: unset is `default`; `auto` is bf16 where this machine computes it natively, else `default`.
+    Without native support bf16 is emulated and slow: SmolLM2 rank classification of 300 rows ran at 1.91 examples/s
+    in bf16 against 10.06 in fp32 on a 2-core AMD EPYC with AVX2 only (bench/speed_vs_peers.py)."""
+    if wanted != "auto":
+        return wanted or default
+    return "bf16" if native_bf16() else default
 
 
 def native_bf16() -> bool:

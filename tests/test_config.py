@@ -43,6 +43,7 @@ def test_overrides_change_typed_values(tmp_path):
     ("train.batch_size=1.5", "train.batch_size: expected int"),
     ("peft.method=lroa", "peft.method: 'lroa' is not one of .*did you mean lora"),
     ("model.dtype=fp8", "model.dtype: 'fp8' is not one of fp32, bf16, fp16"),
+    ("distill.dtype=fp8", "distill.dtype: 'fp8' is not one of fp32, bf16, fp16, auto"),
     ("peft.use_dora=true", None),
     ("train.epochs", "write it as section.key=value"),
 ])
@@ -211,6 +212,7 @@ def test_eval_dtype_auto_is_bf16_only_where_the_machine_computes_it(monkeypatch)
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v, raising=False)
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v, raising=False)
         assert modeling.eval_dtype(cfg) == expected
+        assert modeling.resolve_dtype("auto", "fp16") == (expected if expected == "bf16" else "fp16")  # distill.dtype
     assert modeling.eval_dtype(load_config(str(ROOT / "configs" / "twitter_complaints_smollm2.yaml"), ["eval.dtype=bf16"])) == "bf16"
     assert modeling.eval_dtype(load_config(str(ROOT / "configs" / "wikitext2_lora.yaml"))) == "fp32"  # unset: model.dtype
     with pytest.raises(ConfigError, match="eval.dtype: 'bf8' is not one of fp32, bf16, fp16, auto"):

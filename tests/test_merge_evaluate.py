@@ -531,6 +531,15 @@ def test_distill_trains_teachers_labels_and_a_student_then_continues_where_it_st
     grown = json.loads((out / "distill_report.json").read_text())
     assert len(grown["teachers"]) == 3 and summary(out / "teacher3")["steps_done"] == 4
     assert json.loads((out / "student" / "summary.json").read_text())["steps_done"] == 3 * -(-(train_rows + 6) // 4)
+    # teachers trained in another dtype are other teachers: refused, then every run trained again on request
+    in_bf16 = args[:-1] + ["3", "--teachers", "3", "--dtype", "bf16"]
+    assert main(in_bf16) == 2
+    trained = {p: p.stat().st_mtime_ns for p in out.glob("*/summary.json")}
+    assert main(in_bf16 + ["--overwrite"]) == 0
+    assert all(p.stat().st_mtime_ns != t for p, t in trained.items()) and len(trained) == 4
+    assert {run: yaml.safe_load((out / run / "run_config.yaml").read_text())["model"]["dtype"]
+            for run in ("teacher1", "teacher3", "student")} == {"teacher1": "bf16", "teacher3": "bf16", "student": "bf16"}
+    assert json.loads((out / "distill_plan.json").read_text())["dtype"] == "bf16"
     recipe.write_text(recipe.read_text().replace("learning_rate: 0.05", "learning_rate: 0.01"))
     assert main(args) == 2  # the recipe was edited: other settings too
     (tmp_path / "mine").mkdir()
