@@ -9,8 +9,9 @@ rows it is most confident of (probability normalised over the classes), each row
 the rest. So a model that leans towards one class does not pass the lean on to its student.
 
 `peft-tuner distill RECIPE.yaml --out DIR` runs the whole recipe in one command: the teachers (the recipe with seeds
-1..N; distill.parallel of them at once, the cores shared out between them), their labels, the student, and the
-evaluation of each on data.eval_file; a second call continues where the first stopped.
+1..N; distill.parallel of them at once, the cores shared out between them), their labels, the student (teachers and
+student in distill.dtype), and the evaluation of each on data.eval_file; a second call continues where the first
+stopped.
 """
 from __future__ import annotations
 
