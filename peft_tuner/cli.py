@@ -28,10 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     if flags:
         parser.error(f"unknown option(s) {' '.join(flags)}; config values are given as section.key=value")
     args.overrides = list(getattr(args, "overrides", []) or []) + extra
-    from peft_tuner.distributed import use_cpu_accelerator_if_no_gpu
+    from peft_tuner.distributed import keep_few_cpu_kernels, use_cpu_accelerator_if_no_gpu
     from peft_tuner.errors import PeftTunerError
 
     use_cpu_accelerator_if_no_gpu()  # before anything imports deepspeed: no GPU means its CPU accelerator, said plainly
+    keep_few_cpu_kernels()  # before the first matrix product; the runs this command starts inherit it
     try:
         return int(args.run(args) or 0)
     except PeftTunerError as e:  # user mistakes get one clean message; anything else keeps its traceback

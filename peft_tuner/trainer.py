@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -103,7 +104,8 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, problems: 
     log.record({"event": "start", "model": cfg.model.name_or_path, "method": cfg.peft.method, "trainable_params": trainable,
                 "total_params": total, "world_size": world, "zero_stage": stage, "launcher": launcher,
                 "cpu_threads": torch.get_num_threads(), "cpu_dropouts": fast_dropouts, "autocast": autocast,
-                "malloc_mmap_threshold": dist.MMAP_THRESHOLD_BYTES if weights_mapped_apart else None, "rows": data.rows,
+                "malloc_mmap_threshold": dist.MMAP_THRESHOLD_BYTES if weights_mapped_apart else None,
+                "onednn_primitive_cache": os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY"), "rows": data.rows,
                 "dropped_empty": data.dropped_empty, "truncated": data.truncated, "tokenized_from_cache": data.from_cache,
                 "total_steps": total_steps,
                 "start_step": start_step})

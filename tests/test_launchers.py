@@ -55,6 +55,7 @@ def test_launcher_trains_and_saves_a_loadable_adapter(trained, tiny_models, data
     start = next(r for r in records(out) if r["event"] == "start")
     # ZeRO-3 on the CPU: gathered weights get their own mappings (map_gathered_weights_apart); below it, malloc's own rule
     assert start["malloc_mmap_threshold"] == (2**20 if stage == 3 else None), start["malloc_mmap_threshold"]
+    assert start["onednn_primitive_cache"] == "16"  # set by the command line before the first kernel (keep_few_cpu_kernels)
     if launcher == "deepspeed":  # no OMP_NUM_THREADS: the 2 processes on this machine take half the cores each
         alone = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"], check=True,
                                capture_output=True, text=True, env={k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"})
@@ -124,6 +125,24 @@ def test_under_zero3_on_the_cpu_a_gathered_weight_gets_its_own_mapping(stage, en
     set_here, bytes_mapped = proc.stdout.split()
     assert set_here == str(mapped)
     assert (int(bytes_mapped) >= 2 << 20) == mapped, bytes_mapped  # its own mapping, given back to the system when freed
+
+
+def test_few_onednn_kernels_are_kept_unless_the_user_chose(monkeypatch):
+    """A padding-free bf16 run on the CPU builds a oneDNN kernel for nearly every step's length; the command line caps
+    the cache (keep_few_cpu_kernels) before the first one, and leaves a capacity the user set alone."""
+    from peft_tuner import distributed as dist
+
+    for name in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "DNNL_PRIMITIVE_CACHE_CAPACITY"):
+        monkeypatch.delenv(name, raising=False)
+    dist.keep_few_cpu_kernels()
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == str(dist.ONEDNN_CACHE_KERNELS) == "16"
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "256")
+    dist.keep_few_cpu_kernels()
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "256"
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY")
+    monkeypatch.setenv("DNNL_PRIMITIVE_CACHE_CAPACITY", "8")  # oneDNN's older name for it
+    dist.keep_few_cpu_kernels()
+    assert "ONEDNN_PRIMITIVE_CACHE_CAPACITY" not in os.environ
 
 
 LEAVE_GROUP = """
