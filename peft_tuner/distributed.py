@@ -56,7 +56,7 @@ def keep_few_cpu_kernels() -> None:
     each input shape, and their buffers. A padding-free step is a sequence of a new length nearly every step, so the
     cache only grows: training SmolLM2 in bf16 (configs/twitter_complaints_smollm2.yaml model.dtype=bf16, 8 epochs,
     2 threads) rose from 1.16 to 1.82 GB; with 16 kernels kept it stayed at 1.39-1.40 GB and ran at 150 and 166 real
-    tokens/s against 141 and 141 (fp32 and bf16 evaluation unchanged). Set before the first kernel is built (the
+    tokens/s against 141 and 141 (fp32 training and bf16 evaluation unchanged). Set before the first kernel is built (the
     cache reads it then); left alone where the user set it."""
     if not any(k in os.environ for k in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "DNNL_PRIMITIVE_CACHE_CAPACITY")):
         os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = str(ONEDNN_CACHE_KERNELS)
