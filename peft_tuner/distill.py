@@ -224,12 +224,15 @@ def distill(recipe: str | Path, out_dir: str | Path, overrides: Optional[list[st
 
     if cfg.data.eval_file:
         log(f"[evaluate] each teacher, their ensemble and the student on {cfg.data.eval_file}")
-        for member in report["teachers"] + [report["student"]]:
-            member["eval"] = headline_metrics(evaluate(cfg, Path(member["adapter"]).parent / "eval", split="eval",
-                                              adapter_dir=member["adapter"], quiet=True))
-        if teachers > 1:
-            report["ensemble_eval"] = headline_metrics(evaluate(cfg, out / "ensemble_eval", split="eval", adapter_dir=adapters,
-                                                       method="rank", quiet=True))
+        ensemble = (evaluate(cfg, out / "ensemble_eval", split="eval", adapter_dir=adapters, method="rank", quiet=True)
+                    if teachers > 1 else {})
+        # The ensemble's pass scored each teacher too; by rank classification, as the recipe's own evaluation would
+        in_ensemble = ensemble.get("members") if cfg.eval.method == "rank" else None
+        for member, scored in zip(report["teachers"] + [report["student"]], (in_ensemble or [None] * teachers) + [None]):
+            member["eval"] = headline_metrics(scored or evaluate(cfg, Path(member["adapter"]).parent / "eval", split="eval",
+                                                                 adapter_dir=member["adapter"], quiet=True))
+        if ensemble:
+            report["ensemble_eval"] = headline_metrics(ensemble)
     report["wall_seconds"] = round(time.time() - started, 1)
     (out / "distill_report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
     log(format_distill_report(report))

@@ -112,13 +112,23 @@ def evaluate(cfg: Config, out_dir: str | Path, split: str = "eval", model_dir: O
         progress = tqdm(total=(len(my_rows) + len(my_reference)) * len(members), dynamic_ncols=True,
                         desc=f"evaluate ({method}, rank 0 of {world})")
     if method == "rank":
-        scores, model_kind, elapsed = score_rows(cfg, task, my_rows + my_reference, model_dir, members, progress)
-        scores, reference_scores = scores[: len(my_rows)], scores[len(my_rows):]
-        if reference:
+        each = [] if len(members) > 1 else None  # an ensemble's members are scored anyway: each is reported too
+        scores, model_kind, elapsed = score_rows(cfg, task, my_rows + my_reference, model_dir, members, progress, each)
+
+        def matched(scored: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+            """The rows' scores and eval.match_prior's offsets (from every process's reference rows) when it is on."""
+            scores, reference_scores = scored[: len(my_rows)], scored[len(my_rows):]
+            if not reference:
+                return scores, None
             offsets = prior_offsets(torch.cat(dist.all_gather_objects(reference_scores)), shares)
-            scores = scores.log_softmax(-1) + offsets
+            return scores.log_softmax(-1) + offsets, offsets
+
+        scores, offsets = matched(scores)
         results = [{"prediction": task.class_names[int(s.argmax())], "scores": dict(zip(task.class_names, s.tolist()))}
                    for s in scores]
+        for member_scores in each or []:
+            for result, s in zip(results, matched(member_scores)[0]):
+                result.setdefault("member_predictions", []).append(task.class_names[int(s.argmax())])
     else:
         model, tokenizer, model_kind = load_for_inference(cfg, model_dir, adapter_dir)
         model.to(dist.device())
@@ -153,6 +163,10 @@ def evaluate(cfg: Config, out_dir: str | Path, split: str = "eval", model_dir: O
     if labelled:
         result.update(classification_metrics([p["gold"] for p in predictions], [p["prediction"] for p in predictions],
                                              task.class_names))
+        if len(members) > 1 and method == "rank":  # each member as it alone would have scored: no second pass needed
+            result["members"] = [{"adapter": str(member), **classification_metrics(
+                [p["gold"] for p in predictions], [p["member_predictions"][j] for p in predictions], task.class_names)}
+                for j, member in enumerate(members)]
     if not labelled or split == "test":
         result["submission"] = str(write_submission(out / f"submission_{split}.csv", predictions, task))
     (out / f"metrics_{split}.json").write_text(json.dumps(result, indent=2, ensure_ascii=False))
@@ -161,6 +175,8 @@ def evaluate(cfg: Config, out_dir: str | Path, split: str = "eval", model_dir: O
               f"{result['examples_per_second']} examples/s | peak memory {result['peak_memory_gb']:.2f} GB")
         if labelled:
             print(format_report(result))
+            for member in result.get("members", []):
+                print(f"  member {member['adapter']}: accuracy {member['accuracy']:.4f} | macro-F1 {member['macro_f1']:.4f}")
         print(f"predictions: {out / f'predictions_{split}.jsonl'}" + (f" | submission: {result['submission']}" if "submission" in result else ""))
     dist.shutdown()
     return result

@@ -226,11 +226,13 @@ def _sum_logprobs(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def score_rows(cfg: Config, task, rows: list[dict], model_dir: Optional[str] = None,
-               adapters: Sequence[Optional[str]] = (None,), progress=None) -> tuple[torch.Tensor, str, float]:
+               adapters: Sequence[Optional[str]] = (None,), progress=None,
+               each: Optional[list] = None) -> tuple[torch.Tensor, str, float]:
     """Rank classification's class scores for `rows` on this process: ([rows, classes] in task.class_names' order,
     what was scored, seconds spent scoring, model loading left out). The model is the base model, `model_dir`, or
     each adapter in turn, loaded one at a time; eval.calibrate subtracts each one's content-free prior. Several
-    adapters are one ensemble: each class's log-probability, normalised over the classes, averaged over the adapters."""
+    adapters are one ensemble: each class's log-probability, normalised over the classes, averaged over the adapters.
+    With `each` (a list), each adapter's own scores are appended to it too, as that adapter alone would score."""
     import time
 
     from peft_tuner import distributed as dist
@@ -246,6 +248,8 @@ def score_rows(cfg: Config, task, rows: list[dict], model_dir: Optional[str] = N
         if cfg.eval.calibrate:
             scores = scores - content_free_prior(model, encoder)
         total += scores.log_softmax(-1) / len(adapters) if len(adapters) > 1 else scores
+        if each is not None:
+            each.append(scores)
         seconds += time.time() - started
         del model
     return total, (f"ensemble of {len(adapters)} {kind} adapters" if len(adapters) > 1 else kind), seconds

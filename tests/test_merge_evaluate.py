@@ -16,7 +16,7 @@ from conftest import ROOT, launch_command, records, run, summary, write_recipe
 from peft_tuner.config import Config, ConfigError, DataConfig, ModelConfig, PeftSettings
 from peft_tuner.data import DataError, Encoder, build_task, prepare_split, read_table, select_rows
 from peft_tuner.evaluate import prior_offsets
-from peft_tuner.metrics import classification_metrics
+from peft_tuner.metrics import classification_metrics, headline_metrics
 from peft_tuner.scoring import CandidateTree, rank_scores, takes_tree_mask, text_to_class
 from peft_tuner.merge import MergeError, merge
 from peft_tuner.modeling import build_peft_model, decode, load_base_model, load_tokenizer
@@ -308,6 +308,18 @@ def test_several_adapters_are_scored_as_one_ensemble(tiny_models, tmp_path, data
         torch.testing.assert_close(torch.tensor(list(row["scores"].values())), expected, atol=1e-5, rtol=1e-5)
         assert row["prediction"] == list(first)[int(expected.argmax())]
     assert alone[0] != alone[1]  # two different members
+    # the same pass reports each member as its own evaluation does, with prior matching too (offsets of its own)
+    for match_prior in (False, True):
+        cfg.eval.match_prior, cfg.data.test_file = match_prior, str(data_dir / "raft")
+        own = [evaluate(cfg, tmp_path / f"own{seed}-{match_prior}", adapter_dir=m, quiet=True) for seed, m in enumerate(members)]
+        both = evaluate(cfg, tmp_path / f"both-{match_prior}", adapter_dir=members, quiet=True)
+        assert [(m["adapter"], m["accuracy"], m["macro_f1"], m["confusion_matrix"]) for m in both["members"]] == \
+            [(m, o["accuracy"], o["macro_f1"], o["confusion_matrix"]) for m, o in zip(members, own)]
+        rows = [json.loads(l)["member_predictions"] for l in (tmp_path / f"both-{match_prior}" / "predictions_eval.jsonl").open()]
+        for j in range(2):
+            assert [r[j] for r in rows] == [json.loads(l)["prediction"]
+                                            for l in (tmp_path / f"own{j}-{match_prior}" / "predictions_eval.jsonl").open()]
+    assert "prior_matching" in both and "members" not in own[0]
     with pytest.raises(ConfigError, match="an ensemble of adapters is scored by rank classification"):
         evaluate(cfg, tmp_path / "generate", adapter_dir=members, method="generate", quiet=True)
 
@@ -512,6 +524,10 @@ def test_distill_trains_teachers_labels_and_a_student_then_continues_where_it_st
     metrics = json.loads((out / "student" / "eval" / "metrics_eval.json").read_text())
     assert report["student"]["eval"]["accuracy"] == metrics["accuracy"] and metrics["n"] == 8
     assert report["ensemble_eval"]["n"] == 8
+    ensemble = json.loads((out / "ensemble_eval" / "metrics_eval.json").read_text())
+    # each teacher's figures come from the ensemble's pass, which scored it: no pass of its own
+    assert [t["eval"] for t in report["teachers"]] == [headline_metrics(m) for m in ensemble["members"]]
+    assert "accuracy" in report["teachers"][0]["eval"] and not (out / "teacher1" / "eval").exists()
     assert f"accuracy {metrics['accuracy']:.4f}" in capsys.readouterr().out
 
     # a second call with the same settings trains nothing again; other settings are refused, then replaced on request
