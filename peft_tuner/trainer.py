@@ -105,7 +105,8 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, problems: 
                 "total_params": total, "world_size": world, "zero_stage": stage, "launcher": launcher,
                 "cpu_threads": torch.get_num_threads(), "cpu_dropouts": fast_dropouts, "autocast": autocast,
                 "malloc_mmap_threshold": dist.MMAP_THRESHOLD_BYTES if weights_mapped_apart else None,
-                "onednn_primitive_cache": os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY"), "rows": data.rows,
+                "onednn_primitive_cache": os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY"),
+                "optimizer": optimizer_name(engine), "rows": data.rows,
                 "dropped_empty": data.dropped_empty, "truncated": data.truncated, "tokenized_from_cache": data.from_cache,
                 "total_steps": total_steps,
                 "start_step": start_step})
@@ -249,9 +250,24 @@ def setup_engine(model, ds_config: dict, cfg: Config, total_steps: int):
     if "optimizer" in ds_config:
         engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, lr_scheduler=make_scheduler, config=ds_config)
     else:
-        optimizer = torch.optim.AdamW(trainable, lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay)
+        optimizer = torch.optim.AdamW(trainable, lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay,
+                                      fused=fused_adamw_fits(trainable))
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=make_scheduler(optimizer), config=ds_config)
     return engine
+
+
+def fused_adamw_fits(params: list[torch.Tensor]) -> bool:
+    """AdamW's fused kernel where torch has one for every trainable tensor (floating point, on the CPU or a GPU): one
+    pass over each tensor instead of a dozen ops. The default recipe's 420 LoRA tensors on the CPU: 12.6 against 41.9 ms
+    an optimizer step (bench/step_options.py). Under ZeRO 1-3 the optimizer steps DeepSpeed's flat partitions, on the
+    same devices."""
+    return bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+
+
+def optimizer_name(engine) -> str:
+    """The optimizer that steps the weights, as the start record names it: "AdamW (fused)", "DeepSpeedCPUAdam", ..."""
+    optimizer = engine.basic_optimizer
+    return type(optimizer).__name__ + (" (fused)" if getattr(optimizer, "defaults", {}).get("fused") else "")
 
 
 def verify_adapter(engine, cfg: Config, data: TrainData, tokenizer, adapter_dir: Path) -> Optional[float]:

@@ -56,6 +56,7 @@ def test_launcher_trains_and_saves_a_loadable_adapter(trained, tiny_models, data
     # ZeRO-3 on the CPU: gathered weights get their own mappings (map_gathered_weights_apart); below it, malloc's own rule
     assert start["malloc_mmap_threshold"] == (2**20 if stage == 3 else None), start["malloc_mmap_threshold"]
     assert start["onednn_primitive_cache"] == "16"  # set by the command line before the first kernel (keep_few_cpu_kernels)
+    assert start["optimizer"] == "AdamW (fused)"  # the client AdamW, fused, stepping DeepSpeed's partitions
     if launcher == "deepspeed":  # no OMP_NUM_THREADS: the 2 processes on this machine take half the cores each
         alone = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"], check=True,
                                capture_output=True, text=True, env={k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"})
