@@ -1,8 +1,8 @@
 """Which step settings pay for the default recipe's training step on this machine: torch.compile of the decoder
 (inductor, dynamic shapes), and the optimizer: AdamW's fused kernel, its foreach kernels, DeepSpeed's CPU Adam (its
-C++ op, built on first use), against the eager step with torch's plain AdamW (one tensor at a time on
-a CPU; the trainer takes the fused kernel). The optimizer's step is timed on its own too: on the CPU its share of the step is small and the host's noise
-between processes can hide it.
+C++ op, built on first use), against the eager step with torch's plain AdamW (one tensor at a time on a CPU; the
+trainer takes the fused kernel). The optimizer's step is timed on its own too: on the CPU its share of the step is
+small and the host's noise between processes can hide it.
 One process, the recipe's micro-batches of 4 RAFT twitter_complaints rows as the trainer builds them (padding-free,
 attention row by row on the CPU), LoRA r=8 on every linear layer of SmolLM2-135M-Instruct; each setting in a fresh
 process, the same 12 batches: the first step (compilation included) and the medians of the last 10.
@@ -29,7 +29,8 @@ from report_blocks import cpu_name, write_between_markers  # noqa: E402
 
 MARKERS = ("<!-- step_options: begin (written by bench/step_options.py) -->", "<!-- step_options: end -->")
 TITLE = "Step settings: torch.compile and the optimizer's kernels"
-SETTINGS = {"eager": "eager, torch.optim.AdamW (on a CPU: one tensor at a time)", "fused-adamw": "eager, AdamW(fused=True) (the trainer's)",
+SETTINGS = {"eager": "eager, torch.optim.AdamW (on a CPU: one tensor at a time)",
+            "fused-adamw": "eager, AdamW(fused=True) (the trainer's)",
             "foreach-adamw": "eager, AdamW(foreach=True)", "deepspeed-cpu-adam": "eager, DeepSpeedCPUAdam (adamw_mode)",
             "compile": "torch.compile(decoder, dynamic=True), torch.optim.AdamW"}
 
