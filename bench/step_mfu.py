@@ -140,7 +140,8 @@ def overrides_for(workload: str, folder: Path, data: Path, args, batch: int, out
     steps = args.steps + 2
     common = [f"model.name_or_path={folder}", f"model.dtype={args.dtype}", "peft.method=lora", "peft.target_modules=all-linear",
               "peft.r=16", "peft.alpha=32", "peft.dropout=0.05", "train.padding_free=true", f"train.batch_size={batch}",
-              "train.verify_adapter=false", "data.cache=false", f"output_dir={out}", "--overwrite"]
+              f"train.packed_attention={args.packed_attention}", "train.verify_adapter=false", "data.cache=false",
+              f"output_dir={out}", "--overwrite"]
     if workload == "twitter":
         rows = 50
         epochs = math.ceil(steps / math.ceil(rows / batch))
@@ -196,7 +197,7 @@ def run_ours(model: str, workload: str, args, batch: int, work: Path) -> dict:
     model_flops = tokens * (4 * linear + 6 * trainable)  # the usual count: every token through every linear layer
     computed_flops = tokens * (4 * (linear - head) + 6 * trainable) + label_tokens * 4 * head
     return {"model": model, "layers": args.layers, "workload": workload, "dtype": args.dtype, "zero3": args.zero3,
-            "batch": batch, "block": args.block if workload == "wikitext" else None,
+            "packed_attention": start.get("packed_attention"), "batch": batch, "block": args.block if workload == "wikitext" else None,
             "linear_weights": linear, "head_weights": head, "trainable": trainable, "steps": len(steps),
             "tokens_per_step": tokens / len(steps), "label_tokens_per_step": label_tokens / len(steps),
             "median_step_seconds": statistics.median(r["step_seconds"] for r in steps), "tokens_per_second": tokens / seconds,
@@ -222,6 +223,9 @@ def main(argv=None) -> int:
     parser.add_argument("--block", type=int, help="wikitext block length; default 128 on a CPU, 1024 on a GPU")
     parser.add_argument("--steps", type=int, default=10, help="steps measured (2 more run first)")
     parser.add_argument("--zero3", action="store_true", help="torchrun, 1 process, ds_configs/zero3.json")
+    parser.add_argument("--packed-attention", default="rows", choices=["rows", "mask"],
+                        help="train.packed_attention: each row on its own (row by row on a CPU, flash varlen on a GPU) or "
+                             "SDPA under a block-diagonal mask")
     parser.add_argument("--peak-tflops", type=float, help="the accelerator's dense peak in the step's dtype, if not in the table")
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data"), help="folder holding raft/ and wikitext-2/")
     args = parser.parse_args(argv)
@@ -263,18 +267,19 @@ def write_report() -> None:
     records = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
     latest: dict[tuple, dict] = {}
     for r in records:
-        latest[(r["machine"], r["model"], r["layers"], r["workload"], r["dtype"], r["zero3"])] = r
+        latest[(r["machine"], r["model"], r["layers"], r["workload"], r["dtype"], r["zero3"], r["batch"], r.get("block"),
+                r.get("packed_attention"))] = r
     lines = ["Each row: the command that measured it, on the machine it names (threads: the CPU threads torch used). "
              "MFU = real tokens/s x FLOPs per token / peak; \"computed\" counts the LM head at label tokens only.", "",
-             "| run | command | machine | model | workload | dtype | tokens / step | s / step | real tokens/s | "
+             "| run | command | machine | model | workload | dtype | attention | tokens / step | s / step | real tokens/s | "
              "TFLOP/s (usual count) | matrix products TFLOP/s | MFU vs matrix products | computed | datasheet MFU |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(latest.values(), key=lambda r: (r["run"], r["model"], r["workload"])):
         model = r["model"] + (f" ({r['layers']} layers)" if r["layers"] else "") + (", ZeRO-3" if r["zero3"] else "")
         workload = r["workload"] + (f" ({r['batch']} blocks of {r['block']})" if r["block"] else f" ({r['batch']} rows)")
         sheet = f"{r['model_tflops'] / r['datasheet_tflops']:.1%}" if r["datasheet_tflops"] else "-"
         lines.append(f"| {r['run']} | `{r['command']}` | {r['machine']}, {r['threads']} threads, torch {r['torch']} | {model} | "
-                     f"{workload} | {r['dtype']} | {r['tokens_per_step']:.0f} | {r['median_step_seconds']:.3f} | "
+                     f"{workload} | {r['dtype']} | {r.get('packed_attention') or '-'} | {r['tokens_per_step']:.0f} | {r['median_step_seconds']:.3f} | "
                      f"{r['tokens_per_second']:.0f} | {r['model_tflops']:.4f} | {r['matmul_tflops']:.3f} | "
                      f"{r['model_tflops'] / r['matmul_tflops']:.1%} | {r['computed_tflops'] / r['matmul_tflops']:.1%} | {sheet} |")
     write_between_markers("\n".join(lines), MARKERS, title=TITLE)

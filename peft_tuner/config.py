@@ -101,6 +101,10 @@ class TrainConfig:
     padding_free: bool = _help(False, "Each micro-batch's rows as one sequence without padding: positions restart at "
                                       "each row and attention stays within it; the loss is the padded batch's. Not "
                                       "for prompt learning (virtual tokens lead every row).")
+    packed_attention: str = _help("rows", "How a padding-free batch keeps its rows apart in attention: rows (each row "
+                                          "attends to itself alone: one row at a time on a CPU, flash-attention's varlen "
+                                          "kernel on a GPU in bf16 / fp16) or mask (SDPA over the whole sequence under a "
+                                          "block-diagonal mask).")
     lr_scheduler: str = _help("linear", "linear, cosine or constant, after warmup.")
     warmup_ratio: float = _help(0.0, "Share of the optimizer steps spent warming up linearly from 0.")
     max_grad_norm: float = _help(1.0, "Gradient clipping norm (0 turns clipping off).")
@@ -475,6 +479,8 @@ def validate(cfg: Config) -> list[str]:
     check(not (cfg.train.padding_free and cfg.peft.method in PROMPT_LEARNING_METHODS),
           f"train.padding_free: peft.method={cfg.peft.method} puts virtual tokens before each row, which one sequence "
           f"of several rows cannot have; set train.padding_free=false")
+    check(cfg.train.packed_attention in ("rows", "mask"),
+          f"train.packed_attention: '{cfg.train.packed_attention}' is not one of rows, mask")
     check(cfg.train.lr_scheduler in ("linear", "cosine", "constant"), f"train.lr_scheduler: '{cfg.train.lr_scheduler}' is not one of linear, cosine, constant")
     check(0 <= cfg.train.warmup_ratio < 1, "train.warmup_ratio: must be in [0, 1)")
     check(cfg.train.max_grad_norm >= 0, "train.max_grad_norm: must be >= 0")

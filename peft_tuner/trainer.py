@@ -28,7 +28,8 @@ from peft_tuner.data import (IGNORE_INDEX, DataError, Encoder, SftEncoder, build
 from peft_tuner.errors import PeftTunerError
 from peft_tuner.modeling import (DTYPES, add_neftune_noise, attend_row_by_row, build_peft_model, check_peft_applies,
                                  count_parameters, cpu_dropout, eval_dtype, is_prompt_learning, keep_adalora_mask,
-                                 load_base_model, load_tokenizer, load_trained_model, model_hidden_size, native_bf16)
+                                 load_base_model, load_tokenizer, load_trained_model, model_hidden_size, native_bf16,
+                                 packed_attention_name)
 from peft_tuner.scoring import label_token_losses, text_loss_over_ranks
 from peft_tuner.trackers import PREFIXES, check_trackers, numeric, open_trackers
 
@@ -75,9 +76,10 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, problems: 
     engine = setup_engine(model, ds_config, cfg, total_steps)
     if cfg.train.padding_free:
         check_padding_free(engine.module, data.examples, tokenizer.pad_token_id, cfg.model.dtype)  # the model keeps rows apart
-        # Row-by-row attention is measured on the CPU only; a GPU keeps SDPA's masked kernels (or flash-attention's varlen).
-        if dist.device().type == "cpu" and attend_row_by_row(engine.module):
+        rows_apart = cfg.train.packed_attention == "rows" and attend_row_by_row(engine.module)
+        if rows_apart:
             check_padding_free(engine.module, data.examples, tokenizer.pad_token_id, cfg.model.dtype)  # and so does this
+        packed_attention = packed_attention_name(rows_apart, dist.device(), DTYPES[train_autocast_dtype(cfg) or cfg.model.dtype])
     fast_dropouts = cpu_dropout(engine.module) if dist.device().type == "cpu" else 0  # a GPU keeps torch's dropout
     torch.manual_seed(cfg.train.seed + dist.rank())  # dropout differs across ranks, reproducibly
 
@@ -106,7 +108,8 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, problems: 
                 "cpu_threads": torch.get_num_threads(), "cpu_dropouts": fast_dropouts, "autocast": autocast,
                 "malloc_mmap_threshold": dist.MMAP_THRESHOLD_BYTES if weights_mapped_apart else None,
                 "onednn_primitive_cache": os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY"),
-                "optimizer": optimizer_name(engine), "rows": data.rows,
+                "optimizer": optimizer_name(engine),
+                "packed_attention": packed_attention if cfg.train.padding_free else None, "rows": data.rows,
                 "dropped_empty": data.dropped_empty, "truncated": data.truncated, "tokenized_from_cache": data.from_cache,
                 "total_steps": total_steps,
                 "start_step": start_step})

@@ -43,6 +43,7 @@ def test_overrides_change_typed_values(tmp_path):
     ("train.batch_size=1.5", "train.batch_size: expected int"),
     ("peft.method=lroa", "peft.method: 'lroa' is not one of .*did you mean lora"),
     ("model.dtype=fp8", "model.dtype: 'fp8' is not one of fp32, bf16, fp16"),
+    ("train.packed_attention=flash", "train.packed_attention: 'flash' is not one of rows, mask"),
     ("distill.dtype=fp8", "distill.dtype: 'fp8' is not one of fp32, bf16, fp16, auto"),
     ("peft.use_dora=true", None),
     ("train.epochs", "write it as section.key=value"),

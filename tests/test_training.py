@@ -104,6 +104,8 @@ def test_padding_free_training_gives_the_losses_of_padded_batches(runs):
               for run in ("padding-free8x1", "accumulate8x1")]
     assert counts[0] == counts[1]  # real tokens and label tokens counted alike, padding left out
     assert all(0 < labels < tokens for tokens, labels in counts[0])
+    starts = {run: next(r for r in records(root / run) if r["event"] == "start") for run in ("padding-free8x1", "accumulate8x1")}
+    assert starts["padding-free8x1"]["packed_attention"] == "row by row" and starts["accumulate8x1"]["packed_attention"] is None
 
 
 def test_bf16_autocast_trains_close_to_fp32_with_fp32_weights(runs):
@@ -192,6 +194,30 @@ def test_padding_free_batch_has_the_padded_batch_loss_and_gradients(tiny_models,
     for name, grad in padded_grads.items():
         torch.testing.assert_close(model.get_parameter(name).grad, grad, atol=1e-5, rtol=1e-4)
     assert float(token_loss_sum(model, padded_batch, pass_positions=True)) == pytest.approx(padded, rel=1e-6)  # padded: SDPA as before
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flash-attention varlen runs on a GPU")
+def test_flash_varlen_attention_keeps_each_row_to_itself():
+    """On a GPU in bf16, a padding-free batch's attention is one varlen call: each row's output and gradients equal
+    causal SDPA over that row alone (grouped key / value heads, as Llama's)."""
+    from peft_tuner.modeling import _varlen_attention, packed_attention_name, varlen_fits
+
+    torch.manual_seed(0)
+    lengths, heads, kv_heads, dim = [7, 30, 1, 64], 8, 2, 64
+    q, k, v = (torch.randn(1, h, sum(lengths), dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for h in (heads, kv_heads, kv_heads))
+    assert varlen_fits(q) and packed_attention_name(True, q.device, q.dtype) == "flash varlen"
+    bounds = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    out = _varlen_attention(q, k, v, bounds, max(lengths), dim ** -0.5)
+    assert out.shape == (1, sum(lengths), heads, dim)
+    expected = torch.cat([torch.nn.functional.scaled_dot_product_attention(
+        q[:, :, a:b], k[:, :, a:b].repeat_interleave(heads // kv_heads, 1), v[:, :, a:b].repeat_interleave(heads // kv_heads, 1),
+        is_causal=True).transpose(1, 2) for a, b in zip(bounds.tolist(), bounds.tolist()[1:])], dim=1)
+    torch.testing.assert_close(out.float(), expected.float(), atol=2e-2, rtol=2e-2)
+    grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
+    expected_grads = torch.autograd.grad(expected.float().square().sum(), (q, k, v))
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got.float(), want.float(), atol=5e-2, rtol=5e-2)
 
 
 @pytest.mark.parametrize("arch", list(PINNED))
