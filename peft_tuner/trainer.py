@@ -28,8 +28,8 @@ from peft_tuner.data import (IGNORE_INDEX, DataError, Encoder, SftEncoder, build
 from peft_tuner.errors import PeftTunerError
 from peft_tuner.modeling import (DTYPES, add_neftune_noise, attend_row_by_row, build_peft_model, check_peft_applies,
                                  count_parameters, cpu_dropout, eval_dtype, is_prompt_learning, keep_adalora_mask,
-                                 load_base_model, load_tokenizer, load_trained_model, model_hidden_size, native_bf16,
-                                 packed_attention_name)
+                                 compile_model, load_base_model, load_tokenizer, load_trained_model, model_hidden_size,
+                                 native_bf16, packed_attention_name)
 from peft_tuner.scoring import label_token_losses, text_loss_over_ranks
 from peft_tuner.trackers import PREFIXES, check_trackers, numeric, open_trackers
 
@@ -81,6 +81,8 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, problems: 
             check_padding_free(engine.module, data.examples, tokenizer.pad_token_id, cfg.model.dtype)  # and so does this
         packed_attention = packed_attention_name(rows_apart, dist.device(), DTYPES[train_autocast_dtype(cfg) or cfg.model.dtype])
     fast_dropouts = cpu_dropout(engine.module) if dist.device().type == "cpu" else 0  # a GPU keeps torch's dropout
+    if cfg.train.compile:
+        compile_model(engine.module)
     torch.manual_seed(cfg.train.seed + dist.rank())  # dropout differs across ranks, reproducibly
 
     start_step, best = 0, BestSoFar(*metric_for_best(cfg))
@@ -105,7 +107,8 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, problems: 
              (f" | resuming after step {start_step}" if start_step else ""))
     log.record({"event": "start", "model": cfg.model.name_or_path, "method": cfg.peft.method, "trainable_params": trainable,
                 "total_params": total, "world_size": world, "zero_stage": stage, "launcher": launcher,
-                "cpu_threads": torch.get_num_threads(), "cpu_dropouts": fast_dropouts, "autocast": autocast,
+                "cpu_threads": torch.get_num_threads(), "cpu_dropouts": fast_dropouts, "compiled": cfg.train.compile,
+                "autocast": autocast,
                 "malloc_mmap_threshold": dist.MMAP_THRESHOLD_BYTES if weights_mapped_apart else None,
                 "onednn_primitive_cache": os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY"),
                 "optimizer": optimizer_name(engine),
@@ -179,6 +182,10 @@ def _deepspeed_config(cfg: Config, world: int) -> tuple[dict, str, int]:
     problem = ds_config_for.check_method_fits_zero(cfg.peft.method, stage)
     if problem:
         raise ConfigError(problem)
+    if cfg.train.compile and stage == 3:
+        raise ConfigError(f"train.compile: for ZeRO-0 and ZeRO-2 ({source} is ZeRO-3, whose hooks gather each "
+                          f"module's weights as it runs; compiling across them is not tested here); use ZeRO-2 or set "
+                          f"train.compile=false")
     return ds_config, source, stage
 
 
