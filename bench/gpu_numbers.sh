@@ -2,9 +2,9 @@
 # The GPU numbers in one run, on a CUDA machine (run on purpose there; CI has no GPU): the GPU-only tests, the model
 # FLOPs utilization of our training step (bench/step_mfu.py) on a random Llama of 1.1B parameters, bf16, LoRA r=16 on
 # every linear layer, on twitter_complaints rows and WikiText-2 blocks (padding-free batches through flash-attention's
-# varlen kernel, then under SDPA's block-diagonal mask for comparison, then twice the blocks a step), and the pipeline
-# check (bench/gpu_check.sh); with WITH_8B=1 also a Llama-3-8B shape under ZeRO-3 on WikiText-2 blocks. A failed step
-# is reported and the next one runs; the script fails at the end if any did.
+# varlen kernel, then under SDPA's block-diagonal mask for comparison, then twice the blocks a step, eager and with
+# train.compile=true), and the pipeline check (bench/gpu_check.sh); with WITH_8B=1 also a Llama-3-8B shape under
+# ZeRO-3 on WikiText-2 blocks. A failed step is reported and the next one runs; the script fails at the end if any did.
 #   bash bench/gpu_numbers.sh DATA_ROOT [LOG_DIR]    (DATA_ROOT holds raft/twitter_complaints/ and wikitext-2/)
 # A machine without network access needs the locked packages it lacks as wheels, made beside the project first (for
 # its Python, here 3.12; the versions this project's .venv holds):
@@ -35,6 +35,7 @@ MFU=(--dtype "${DTYPE:-bf16}" --data "$DATA_ROOT" ${LAYERS:+--layers "$LAYERS"})
 step step_mfu_1b $PY bench/step_mfu.py --models llama-1b "${MFU[@]}"
 step step_mfu_1b_mask $PY bench/step_mfu.py --models llama-1b --workloads wikitext --packed-attention mask "${MFU[@]}"
 step step_mfu_1b_16blocks $PY bench/step_mfu.py --models llama-1b --workloads wikitext --batch 16 "${MFU[@]}"
+step step_mfu_1b_16blocks_compiled $PY bench/step_mfu.py --models llama-1b --workloads wikitext --batch 16 --compile "${MFU[@]}"
 step gpu_check bash bench/gpu_check.sh "$DATA_ROOT/raft/twitter_complaints" "$WORK/gpu_check"
 if [ "${WITH_8B:-}" = 1 ]; then
   step step_mfu_8b $PY bench/step_mfu.py --models llama-8b --zero3 --workloads wikitext "${MFU[@]}"

@@ -140,7 +140,8 @@ def overrides_for(workload: str, folder: Path, data: Path, args, batch: int, out
     steps = args.steps + 2
     common = [f"model.name_or_path={folder}", f"model.dtype={args.dtype}", "peft.method=lora", "peft.target_modules=all-linear",
               "peft.r=16", "peft.alpha=32", "peft.dropout=0.05", "train.padding_free=true", f"train.batch_size={batch}",
-              f"train.packed_attention={args.packed_attention}", "train.verify_adapter=false", "data.cache=false",
+              f"train.packed_attention={args.packed_attention}", f"train.compile={str(args.compile).lower()}",
+              "train.verify_adapter=false", "data.cache=false",
               f"output_dir={out}", "--overwrite"]
     if workload == "twitter":
         rows = 50
@@ -197,7 +198,7 @@ def run_ours(model: str, workload: str, args, batch: int, work: Path) -> dict:
     model_flops = tokens * (4 * linear + 6 * trainable)  # the usual count: every token through every linear layer
     computed_flops = tokens * (4 * (linear - head) + 6 * trainable) + label_tokens * 4 * head
     return {"model": model, "layers": args.layers, "workload": workload, "dtype": args.dtype, "zero3": args.zero3,
-            "packed_attention": start.get("packed_attention"), "batch": batch, "block": args.block if workload == "wikitext" else None,
+            "packed_attention": start.get("packed_attention"), "compiled": bool(start.get("compiled")), "batch": batch, "block": args.block if workload == "wikitext" else None,
             "linear_weights": linear, "head_weights": head, "trainable": trainable, "steps": len(steps),
             "tokens_per_step": tokens / len(steps), "label_tokens_per_step": label_tokens / len(steps),
             "median_step_seconds": statistics.median(r["step_seconds"] for r in steps), "tokens_per_second": tokens / seconds,
@@ -223,6 +224,7 @@ def main(argv=None) -> int:
     parser.add_argument("--block", type=int, help="wikitext block length; default 128 on a CPU, 1024 on a GPU")
     parser.add_argument("--steps", type=int, default=10, help="steps measured (2 more run first)")
     parser.add_argument("--zero3", action="store_true", help="torchrun, 1 process, ds_configs/zero3.json")
+    parser.add_argument("--compile", action="store_true", help="train.compile=true (the steps measured come after the compiling ones)")
     parser.add_argument("--packed-attention", default="rows", choices=["rows", "mask"],
                         help="train.packed_attention: each row on its own (row by row on a CPU, flash varlen on a GPU) or "
                              "SDPA under a block-diagonal mask")
@@ -268,14 +270,15 @@ def write_report() -> None:
     latest: dict[tuple, dict] = {}
     for r in records:
         latest[(r["machine"], r["model"], r["layers"], r["workload"], r["dtype"], r["zero3"], r["batch"], r.get("block"),
-                r.get("packed_attention"))] = r
+                r.get("packed_attention"), r.get("compiled", False))] = r
     lines = ["Each row: the command that measured it, on the machine it names (threads: the CPU threads torch used). "
              "MFU = real tokens/s x FLOPs per token / peak; \"computed\" counts the LM head at label tokens only.", "",
              "| run | command | machine | model | workload | dtype | attention | tokens / step | s / step | real tokens/s | "
              "TFLOP/s (usual count) | matrix products TFLOP/s | MFU vs matrix products | computed | datasheet MFU |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(latest.values(), key=lambda r: (r["run"], r["model"], r["workload"])):
-        model = r["model"] + (f" ({r['layers']} layers)" if r["layers"] else "") + (", ZeRO-3" if r["zero3"] else "")
+        model = (r["model"] + (f" ({r['layers']} layers)" if r["layers"] else "") + (", ZeRO-3" if r["zero3"] else "")
+                 + (", compiled" if r.get("compiled") else ""))
         workload = r["workload"] + (f" ({r['batch']} blocks of {r['block']})" if r["block"] else f" ({r['batch']} rows)")
         sheet = f"{r['model_tflops'] / r['datasheet_tflops']:.1%}" if r["datasheet_tflops"] else "-"
         lines.append(f"| {r['run']} | `{r['command']}` | {r['machine']}, {r['threads']} threads, torch {r['torch']} | {model} | "
