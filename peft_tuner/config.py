@@ -105,10 +105,10 @@ class TrainConfig:
                                           "attends to itself alone: one row at a time on a CPU, flash-attention's varlen "
                                           "kernel on a GPU in bf16 / fp16) or mask (SDPA over the whole sequence under a "
                                           "block-diagonal mask).")
-    compile: bool = _help(False, "torch.compile the model before the first step. On one H200, a 1.1B Llama's step with "
-                                 "LoRA on every linear layer ran 1.67x faster compiled (bench/gpu_step_anatomy.py), after "
-                                 "about two minutes of compiling; on a 2-core CPU it did not pay (bench/step_options.py). "
-                                 "Not under ZeRO-3.")
+    compile: bool = _help(False, "torch.compile the model before the first step (ZeRO-0 to ZeRO-2). Measured outside the "
+                                 "trainer on one H200: a 1.1B Llama's step with LoRA on every linear layer ran 1.67x "
+                                 "faster compiled, after about two minutes of compiling (bench/gpu_step_anatomy.py); on a "
+                                 "2-core CPU it did not pay (bench/step_options.py).")
     lr_scheduler: str = _help("linear", "linear, cosine or constant, after warmup.")
     warmup_ratio: float = _help(0.0, "Share of the optimizer steps spent warming up linearly from 0.")
     max_grad_norm: float = _help(1.0, "Gradient clipping norm (0 turns clipping off).")

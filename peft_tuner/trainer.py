@@ -183,7 +183,7 @@ def _deepspeed_config(cfg: Config, world: int) -> tuple[dict, str, int]:
     if problem:
         raise ConfigError(problem)
     if cfg.train.compile and stage == 3:
-        raise ConfigError(f"train.compile: for ZeRO-0 and ZeRO-2 ({source} is ZeRO-3, whose hooks gather each "
+        raise ConfigError(f"train.compile: for ZeRO-0 to ZeRO-2 ({source} is ZeRO-3, whose hooks gather each "
                           f"module's weights as it runs; compiling across them is not tested here); use ZeRO-2 or set "
                           f"train.compile=false")
     return ds_config, source, stage

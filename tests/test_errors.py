@@ -64,7 +64,7 @@ CASES = {
     "deepspeed not json": (dict(), ["--deepspeed", "{bad}"], r"line 1: not valid JSON"),
     "deepspeed batch contradicts": (dict(), ["--deepspeed", "{batch}"], r"train_micro_batch_size_per_gpu=16 contradicts the recipe's train.batch_size=4"),
     "adalora under zero-1": (dict(peft={"method": "adalora"}), ["--deepspeed", "ds_configs/zero1.json"], r"adalora reads each weight's gradient"),
-    "compile under zero-3": (dict(train={"compile": True}), ["--deepspeed", "ds_configs/zero3.json"], r"train.compile: for ZeRO-0 and ZeRO-2"),
+    "compile under zero-3": (dict(train={"compile": True}), ["--deepspeed", "ds_configs/zero3.json"], r"train.compile: for ZeRO-0 to ZeRO-2"),
     "typo in a key": (dict(), ["train.lr=0.1"], r"train.lr: unknown key: did you mean train.learning_rate\?"),
 }
 
