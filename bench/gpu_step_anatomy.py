@@ -125,8 +125,8 @@ def main(argv=None) -> int:
             step()
             sync()
             times.append(time.perf_counter() - t)
-    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m.weight.dim() == 2
-                 and "lora_" not in type(m).__name__.lower() and m.weight.shape[0] > 16 and m.weight.shape[1] > 16)
+    linear = sum(m.weight.numel() for name, m in model.named_modules()
+                 if isinstance(m, torch.nn.Linear) and "lora_" not in name)  # the base's layers and LM head
     trainable_count = sum(p.numel() for p in trainable)
     tokens = args.blocks * args.block
     seconds = statistics.median(times)

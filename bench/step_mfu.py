@@ -141,8 +141,7 @@ def overrides_for(workload: str, folder: Path, data: Path, args, batch: int, out
     common = [f"model.name_or_path={folder}", f"model.dtype={args.dtype}", "peft.method=lora", "peft.target_modules=all-linear",
               "peft.r=16", "peft.alpha=32", "peft.dropout=0.05", "train.padding_free=true", f"train.batch_size={batch}",
               f"train.packed_attention={args.packed_attention}", f"train.compile={str(args.compile).lower()}",
-              "train.verify_adapter=false", "data.cache=false",
-              f"output_dir={out}", "--overwrite"]
+              "train.verify_adapter=false", "data.cache=false", f"output_dir={out}", "--overwrite"]
     if workload == "twitter":
         rows = 50
         epochs = math.ceil(steps / math.ceil(rows / batch))
@@ -198,7 +197,8 @@ def run_ours(model: str, workload: str, args, batch: int, work: Path) -> dict:
     model_flops = tokens * (4 * linear + 6 * trainable)  # the usual count: every token through every linear layer
     computed_flops = tokens * (4 * (linear - head) + 6 * trainable) + label_tokens * 4 * head
     return {"model": model, "layers": args.layers, "workload": workload, "dtype": args.dtype, "zero3": args.zero3,
-            "packed_attention": start.get("packed_attention"), "compiled": bool(start.get("compiled")), "batch": batch, "block": args.block if workload == "wikitext" else None,
+            "packed_attention": start.get("packed_attention"), "compiled": bool(start.get("compiled")), "batch": batch,
+            "block": args.block if workload == "wikitext" else None,
             "linear_weights": linear, "head_weights": head, "trainable": trainable, "steps": len(steps),
             "tokens_per_step": tokens / len(steps), "label_tokens_per_step": label_tokens / len(steps),
             "median_step_seconds": statistics.median(r["step_seconds"] for r in steps), "tokens_per_second": tokens / seconds,

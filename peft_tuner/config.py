@@ -107,7 +107,7 @@ class TrainConfig:
                                           "block-diagonal mask).")
     compile: bool = _help(False, "torch.compile the model before the first step (ZeRO-0 to ZeRO-2). Measured outside the "
                                  "trainer on one H200: a 1.1B Llama's step with LoRA on every linear layer ran 1.67x "
-                                 "faster compiled, after about two minutes of compiling (bench/gpu_step_anatomy.py); on a "
+                                 "faster compiled, after 130 s of building, compiling and warming up (bench/gpu_step_anatomy.py); on a "
                                  "2-core CPU it did not pay (bench/step_options.py).")
     lr_scheduler: str = _help("linear", "linear, cosine or constant, after warmup.")
     warmup_ratio: float = _help(0.0, "Share of the optimizer steps spent warming up linearly from 0.")

@@ -257,14 +257,6 @@ def packed_attention_name(rows_apart: bool, device: torch.device, dtype: torch.d
     return "row by row"
 
 
-def compile_model(model) -> None:
-    """torch.compile the model in place, as bench/gpu_step_anatomy.py's compiled variant does (nn.Module.compile: the
-    module tree and the parameter names stay, so the adapter saves as before). The compiling happens at the first
-    call, again when the shapes first change (from then on with dynamic shapes) and for the first call in evaluation
-    mode."""
-    model.compile()
-
-
 class CpuDropout(torch.nn.Module):
     """Dropout whose mask is drawn 16 random bits an element, four elements to one 64-bit draw of torch's generator.
     torch's own dropout on the CPU draws a Bernoulli number per element from its serial Mersenne twister: on a

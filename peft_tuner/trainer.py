@@ -28,7 +28,7 @@ from peft_tuner.data import (IGNORE_INDEX, DataError, Encoder, SftEncoder, build
 from peft_tuner.errors import PeftTunerError
 from peft_tuner.modeling import (DTYPES, add_neftune_noise, attend_row_by_row, build_peft_model, check_peft_applies,
                                  count_parameters, cpu_dropout, eval_dtype, is_prompt_learning, keep_adalora_mask,
-                                 compile_model, load_base_model, load_tokenizer, load_trained_model, model_hidden_size,
+                                 load_base_model, load_tokenizer, load_trained_model, model_hidden_size,
                                  native_bf16, packed_attention_name)
 from peft_tuner.scoring import label_token_losses, text_loss_over_ranks
 from peft_tuner.trackers import PREFIXES, check_trackers, numeric, open_trackers
@@ -82,7 +82,9 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, problems: 
         packed_attention = packed_attention_name(rows_apart, dist.device(), DTYPES[train_autocast_dtype(cfg) or cfg.model.dtype])
     fast_dropouts = cpu_dropout(engine.module) if dist.device().type == "cpu" else 0  # a GPU keeps torch's dropout
     if cfg.train.compile:
-        compile_model(engine.module)
+        # In place (nn.Module.compile): module tree and parameter names stay, so the adapter saves as before. It compiles
+        # at the first call, again when the shapes first change (dynamic from then on) and in evaluation mode.
+        engine.module.compile()
     torch.manual_seed(cfg.train.seed + dist.rank())  # dropout differs across ranks, reproducibly
 
     start_step, best = 0, BestSoFar(*metric_for_best(cfg))
