@@ -7,7 +7,8 @@
 Same model, rows (RAFT twitter_complaints: the 50 training rows, 300 dev rows), settings and machine for every loop:
 the PEFT example's (LoRA r=8, alpha 32, dropout 0.1 on q_proj and v_proj, AdamW lr 3e-3, linear schedule, batch 8,
 rows cut at 64 tokens, fp32). Each loop runs in its own process, one after another (two CPU-heavy jobs at once slow
-each other down); each is repeated and the medians are reported.
+each other down), in rounds: every loop once a round, --repeats rounds. Figures are medians over the rounds; a ratio
+ours / peer is the median of the ratios taken within each round (the pair ran minutes apart), with their range.
 
 - peft-example: the PEFT example's loop (peft_lora_clm_accelerate_ds_zero3_offload.py), written again here: every row
   left-padded to 64 tokens, label + pad token appended, labels -100 on prompt and padding, accelerate's Accelerator
@@ -388,10 +389,9 @@ def main(argv=None) -> int:
     for case in cases(args.models):
         if args.processes and case["processes"] != args.processes:
             continue
-        for loop in case["loops"]:
-            if args.loops and loop not in args.loops:
-                continue
-            for repeat in range(args.repeats):
+        loops = [loop for loop in case["loops"] if not args.loops or loop in args.loops]
+        for repeat in range(args.repeats):  # rounds: every loop once a round, so a slow spell of the host hits them alike
+            for loop in loops:
                 evaluate = case["processes"] == 1 and loop in EVALUATED
                 with tempfile.TemporaryDirectory() as work:
                     runner = run_ours if loop in OURS else run_peer
@@ -423,7 +423,8 @@ def write_report(run_id: str) -> None:
              f"({first['machine']['cores']} cores{', ' + first['machine']['gpu'] if first['machine']['gpu'] else ''}), "
              f"torch {first['machine']['torch']}, transformers {first['machine']['transformers']}, "
              f"peft {first['machine']['peft']}; {first['epochs']} epochs over the 50 training rows; medians of "
-             f"{max(r['repeat'] for r in records) + 1} runs (evaluation included). "
+             f"{max(r['repeat'] for r in records) + 1} rounds (evaluation included); a ratio is the median of the ratios "
+             "within each round, its range in brackets. "
              "Raw results: `bench/results/speed_vs_peers.jsonl`.", ""]
     groups: dict = {}
     for r in records:
@@ -432,6 +433,7 @@ def write_report(run_id: str) -> None:
         title = f"{'tiny Llama' if model == 'tiny' else 'SmolLM2-135M-Instruct'}, {processes} process" + \
                 ("es, ZeRO-" + str(stage) if processes > 1 else ", DeepSpeed ZeRO-0 for ours")
         ok = {loop: [r for r in runs if "error" not in r] for loop, runs in loops.items()}
+        by_round = {loop: {r["repeat"]: r for r in runs} for loop, runs in ok.items()}
         speed = {loop: statistics.median(r["real_tokens"] / r["loop_seconds"] for r in runs) for loop, runs in ok.items() if runs}
         memory = {loop: statistics.median(r["peak_memory_gb"] for r in runs) for loop, runs in ok.items() if runs}
         ours = [loop for loop in ("peft-tuner-padding-free", "peft-tuner-padding-free-bf16") if loop in speed]
@@ -444,7 +446,7 @@ def write_report(run_id: str) -> None:
                 lines.append(f"| {loop} | failed: {error.splitlines()[-1][:120] if error else 'see the raw results'} | | | |"
                              + " |" * len(ours))
                 continue
-            ratios = "".join(f" {speed[o] / speed[loop]:.2f}x |" for o in ours)
+            ratios = "".join(f" {paired_ratio(by_round[o], by_round[loop], tokens_per_second)} |" for o in ours)
             lines.append(f"| {loop} | {speed[loop]:.0f} | {statistics.median(r['loop_seconds'] for r in ok[loop]) / ok[loop][0]['epochs']:.2f} | "
                          f"{memory[loop]:.2f} | {statistics.median(r['final_loss'] for r in ok[loop]):.4f} |{ratios}")
         evals = {}
@@ -458,10 +460,11 @@ def write_report(run_id: str) -> None:
         if evals:
             lines += ["", "| evaluation on the 300 dev rows | examples/s | accuracy | / the example's generate |", "|---|---|---|---|"]
             for key in evals:
-                ratio = f"{rate[key] / rate[reference]:.2f}x" if reference in rate else "-"
+                ratio = paired_ratio(by_round[key[0]], by_round[reference[0]], examples_per_second(key[1]),
+                                     examples_per_second(reference[1])) if reference in rate else "-"
                 lines.append(f"| {key[0]}, {key[1]} | {rate[key]:.2f} | {accuracy[key]:.4f} | {ratio} |")
         if "peft-example" in speed and ours:
-            lines += [""] + targets(speed, memory, rate, accuracy, ours, reference)
+            lines += [""] + targets(by_round, memory, rate, accuracy, ours, reference)
         lines.append("")
     if _plot(records):
         lines += [f"![loss against wall-clock time]({PLOT.name})", ""]
@@ -469,9 +472,33 @@ def write_report(run_id: str) -> None:
     print(f"wrote {BENCHMARKS}")
 
 
-def targets(speed: dict, memory: dict, rate: dict, accuracy: dict, ours: list[str], reference: tuple) -> list[str]:
-    """The targets the comparison is held to, each against ours in fp32 and (where run) in bf16."""
-    trainer = max((speed[l] for l in ("hf-trainer", "hf-trainer-grouped") if l in speed), default=None)
+def tokens_per_second(record: dict) -> float:
+    return record["real_tokens"] / record["loop_seconds"]
+
+
+def examples_per_second(method: str):
+    return lambda record: record["eval"][method]["examples_per_second"] if method in record.get("eval", {}) else None
+
+
+def round_ratios(ours: dict, peer: dict, value, peer_value=None) -> list[float]:
+    """value(ours) / value(peer) within each round that both finished ({round: record} each)."""
+    peer_value = peer_value or value
+    pairs = [(value(ours[k]), peer_value(peer[k])) for k in sorted(ours.keys() & peer.keys())]
+    return [a / b for a, b in pairs if a is not None and b]
+
+
+def paired_ratio(ours: dict, peer: dict, value, peer_value=None) -> str:
+    """The median of the within-round ratios, and their range where there are several."""
+    ratios = round_ratios(ours, peer, value, peer_value)
+    if not ratios:
+        return "-"
+    spread = f" ({min(ratios):.2f}-{max(ratios):.2f})" if min(ratios) != max(ratios) else ""
+    return f"{statistics.median(ratios):.2f}x{spread}"
+
+
+def targets(by_round: dict, memory: dict, rate: dict, accuracy: dict, ours: list[str], reference: tuple) -> list[str]:
+    """The targets the comparison is held to, each against ours in fp32 and (where run) in bf16; speed ratios are the
+    medians of the within-round ratios."""
     lines = ["| target | " + " | ".join(o.replace("peft-tuner-padding-free", "ours") for o in ours) + " |",
              "|---|" + "---|" * len(ours)]
 
@@ -480,9 +507,19 @@ def targets(speed: dict, memory: dict, rate: dict, accuracy: dict, ours: list[st
         lines.append(f"| {name} | " + " | ".join("-" if c is None else f"{c[0]:.2f}{c[1]} {'met' if c[2] else 'missed'}"
                                               for c in cells) + " |")
 
-    row("training real tokens/s >= 2x the example's loop", lambda o: (speed[o] / speed["peft-example"], "x", speed[o] >= 2 * speed["peft-example"]))
-    if trainer:
-        row("training real tokens/s >= 1.2x the Trainer's faster loop", lambda o: (speed[o] / trainer, "x", speed[o] >= 1.2 * trainer))
+    def median_ratio(o: str, peer: dict, value, peer_value=None):
+        ratios = round_ratios(by_round[o], peer, value, peer_value)
+        return statistics.median(ratios) if ratios else None
+
+    def speed_row(name: str, peer: dict, times: float) -> None:
+        row(name, lambda o: None if (x := median_ratio(o, peer, tokens_per_second)) is None else (x, "x", x >= times))
+
+    speed_row("training real tokens/s >= 2x the example's loop", by_round["peft-example"], 2)
+    trainers = [by_round[l] for l in ("hf-trainer", "hf-trainer-grouped") if by_round.get(l)]
+    if trainers:  # each round, the faster of the Trainer's two loops
+        fastest = {k: max((t[k] for t in trainers if k in t), key=tokens_per_second)
+                   for k in set().union(*(t.keys() for t in trainers))}
+        speed_row("training real tokens/s >= 1.2x the Trainer's faster loop", fastest, 1.2)
     row("peak memory <= the example's loop", lambda o: (memory[o], " GB", memory[o] <= memory["peft-example"]))
     if reference in rate:
         def evaluation(o):  # the fastest rank classification of this loop's adapter that is as accurate
@@ -491,8 +528,10 @@ def targets(speed: dict, memory: dict, rate: dict, accuracy: dict, ours: list[st
                 return None
             good = [key for key in keys if accuracy[key] >= accuracy[reference]] or keys
             key = max(good, key=rate.get)
-            return rate[key] / rate[reference], f"x ({key[1]}, accuracy {accuracy[key]:.4f})", \
-                rate[key] >= 5 * rate[reference] and accuracy[key] >= accuracy[reference]
+            x = median_ratio(o, by_round[reference[0]], examples_per_second(key[1]), examples_per_second(reference[1]))
+            if x is None:
+                return None
+            return x, f"x ({key[1]}, accuracy {accuracy[key]:.4f})", x >= 5 and accuracy[key] >= accuracy[reference]
         row("rank classification >= 5x the example's generate examples/s, accuracy no lower", evaluation)
     return lines
 
