@@ -26,7 +26,8 @@ ours / peer is the median of the ratios taken within each round (the pair ran mi
 Training figures: real (non-padding) tokens per second of the training loop (model loading left out), seconds per
 epoch, peak resident memory of the process (the largest rank's), final loss. Raw results go to
 bench/results/speed_vs_peers.jsonl; the table, the ratios (ours / peer, within one run) and a plot of loss against
-wall-clock time go to docs/benchmarks.md between its markers and docs/speed_vs_peers.png.
+wall-clock time go to docs/benchmarks.md and docs/speed_vs_peers-KIND.png, one block and one plot per kind of machine
+(a CPU's widest bf16 instructions, or the GPU's name), so that a run on one kind keeps the other kinds' latest runs.
 """
 from __future__ import annotations
 
@@ -47,8 +48,6 @@ sys.path.insert(0, str(ROOT))
 from report_blocks import BENCHMARKS, cpu_name, write_between_markers  # noqa: E402  (bench/ is the script's folder)
 DATA = ROOT.parent / "shared" / "data" / "raft" / "twitter_complaints"
 RESULTS = ROOT / "bench" / "results" / "speed_vs_peers.jsonl"
-PLOT = ROOT / "docs" / "speed_vs_peers.png"
-MARKERS = ("<!-- speed_vs_peers: begin (written by bench/speed_vs_peers.py) -->", "<!-- speed_vs_peers: end -->")
 
 SETTINGS = {"r": 8, "alpha": 32, "dropout": 0.1, "targets": ["q_proj", "v_proj"], "lr": 3e-3, "batch": 8, "max_length": 64,
             "seed": 42, "new_tokens": 10}
@@ -415,10 +414,21 @@ def main(argv=None) -> int:
 # docs/benchmarks.md, between its markers, and the plot
 
 
+def machine_kind(machine: dict) -> str:
+    """What a block of the report is kept per: the GPU's name, else the CPU's widest bf16 instructions (AMX computes
+    bf16 several times faster than AVX-512 BF16, which computes it faster than fp32; without either bf16 is emulated)."""
+    if machine["gpu"]:
+        return "".join(c if c.isalnum() else "-" for c in machine["gpu"].lower()).strip("-")
+    cpu = machine["cpu"]
+    return "amx" if "AMX" in cpu else "avx512-bf16" if "AVX-512 BF16" in cpu else "no-bf16"
+
+
 def write_report(run_id: str) -> None:
     records = [json.loads(l) for l in RESULTS.read_text().splitlines() if l.strip()]
     records = [r for r in records if r["run"] == run_id]
     first = records[0]
+    kind = machine_kind(first["machine"])
+    plot = BENCHMARKS.parent / f"speed_vs_peers-{kind}.png"
     lines = ["", f"Run {run_id}: `{first['command']}` on {first['machine']['cpu']} "
              f"({first['machine']['cores']} cores{', ' + first['machine']['gpu'] if first['machine']['gpu'] else ''}), "
              f"torch {first['machine']['torch']}, transformers {first['machine']['transformers']}, "
@@ -466,9 +476,10 @@ def write_report(run_id: str) -> None:
         if "peft-example" in speed and ours:
             lines += [""] + targets(by_round, memory, rate, accuracy, ours, reference)
         lines.append("")
-    if _plot(records):
-        lines += [f"![loss against wall-clock time]({PLOT.name})", ""]
-    write_between_markers("\n".join(lines), MARKERS, title="Speed against the peers")
+    if _plot(records, plot):
+        lines += [f"![loss against wall-clock time]({plot.name})", ""]
+    markers = (f"<!-- speed_vs_peers {kind}: begin (written by bench/speed_vs_peers.py) -->", f"<!-- speed_vs_peers {kind}: end -->")
+    write_between_markers("\n".join(lines), markers, title=f"Speed against the peers on {first['machine']['gpu'] or first['machine']['cpu']}")
     print(f"wrote {BENCHMARKS}")
 
 
@@ -536,7 +547,7 @@ def targets(by_round: dict, memory: dict, rate: dict, accuracy: dict, ours: list
     return lines
 
 
-def _plot(records: list[dict]) -> bool:
+def _plot(records: list[dict], path: Path) -> bool:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -553,7 +564,7 @@ def _plot(records: list[dict]) -> bool:
             ax.plot(xs, ys, label=r["loop"], linewidth=1.2)
         ax.set_title(f"{model}, 1 process"), ax.set_xlabel("training loop seconds"), ax.set_ylabel("loss"), ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(PLOT, dpi=110)
+    fig.savefig(path, dpi=110)
     return True
 
 
