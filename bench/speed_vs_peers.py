@@ -372,6 +372,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--loops", nargs="+", help="only these loops")
     p.add_argument("--processes", type=int, choices=[1, 2], help="only the cases on this many processes")
+    p.add_argument("--stages", type=int, nargs="+", choices=[0, 2, 3], help="only the cases under these ZeRO stages")
     p.add_argument("--no-write", action="store_true", help="do not rewrite docs/benchmarks.md")
     args = p.parse_args(argv)
     if not DATA.is_dir():
@@ -386,7 +387,7 @@ def main(argv=None) -> int:
     command = "python bench/speed_vs_peers.py " + " ".join(argv if argv is not None else sys.argv[1:])
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     for case in cases(args.models):
-        if args.processes and case["processes"] != args.processes:
+        if (args.processes and case["processes"] != args.processes) or (args.stages and case["stage"] not in args.stages):
             continue
         loops = [loop for loop in case["loops"] if not args.loops or loop in args.loops]
         for repeat in range(args.repeats):  # rounds: every loop once a round, so a slow spell of the host hits them alike

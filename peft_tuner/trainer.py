@@ -32,6 +32,7 @@ from peft_tuner.modeling import (DTYPES, add_neftune_noise, attend_row_by_row, b
                                  native_bf16, packed_attention_name)
 from peft_tuner.scoring import label_token_losses, text_loss_over_ranks
 from peft_tuner.trackers import PREFIXES, check_trackers, numeric, open_trackers
+from peft_tuner.zero3_release import index_release_decisions, start_trace_afresh
 
 
 class TrainingStopped(PeftTunerError):
@@ -69,6 +70,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, problems: 
     # 3. Model and engine.
     torch.manual_seed(cfg.train.seed)
     weights_mapped_apart = dist.map_gathered_weights_apart(stage)
+    release_indexed = stage == 3 and index_release_decisions()  # the first step on ZeRO-3's trace: no n^2 walk
     with dist.partitioned_loading(ds_config, enabled=stage == 3 and cfg.train.zero3_init):
         model = build_peft_model(load_base_model(cfg.model), cfg.peft, cfg.model, total_steps)
     add_neftune_noise(model, cfg.train.neftune_alpha)
@@ -80,6 +82,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, problems: 
         if rows_apart:
             check_padding_free(engine.module, data.examples, tokenizer.pad_token_id, cfg.model.dtype)  # and so does this
         packed_attention = packed_attention_name(rows_apart, dist.device(), DTYPES[train_autocast_dtype(cfg) or cfg.model.dtype])
+        start_trace_afresh(engine)  # the checks' forwards are no training step's trace
     fast_dropouts = cpu_dropout(engine.module) if dist.device().type == "cpu" else 0  # a GPU keeps torch's dropout
     if cfg.train.compile:
         # In place (nn.Module.compile): module tree and parameter names stay, so the adapter saves as before. It compiles
@@ -112,6 +115,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, problems: 
                 "cpu_threads": torch.get_num_threads(), "cpu_dropouts": fast_dropouts, "compiled": cfg.train.compile,
                 "autocast": autocast,
                 "malloc_mmap_threshold": dist.MMAP_THRESHOLD_BYTES if weights_mapped_apart else None,
+                "zero3_release": "indexed" if release_indexed else None,
                 "onednn_primitive_cache": os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY"),
                 "optimizer": optimizer_name(engine),
                 "packed_attention": packed_attention if cfg.train.padding_free else None, "rows": data.rows,
@@ -426,6 +430,7 @@ def evaluate_during_training(engine, cfg: Config, data: TrainData, tokenizer) ->
     # to save it as the best so far would find them in flight (DeepSpeed's "Cannot partition a param in flight",
     # with prefetch buckets the size of the hidden layer). Release them all; a no-op below ZeRO-3.
     engine.empty_partition_cache()
+    start_trace_afresh(engine)
     engine.train()
     return metrics, said
 

@@ -55,6 +55,7 @@ def test_launcher_trains_and_saves_a_loadable_adapter(trained, tiny_models, data
     start = next(r for r in records(out) if r["event"] == "start")
     # ZeRO-3 on the CPU: gathered weights get their own mappings (map_gathered_weights_apart); below it, malloc's own rule
     assert start["malloc_mmap_threshold"] == (2**20 if stage == 3 else None), start["malloc_mmap_threshold"]
+    assert start["zero3_release"] == ("indexed" if stage == 3 else None)  # zero3_release.index_release_decisions
     assert start["onednn_primitive_cache"] == "16"  # set by the command line before the first kernel (keep_few_cpu_kernels)
     assert start["optimizer"] == "AdamW (fused)"  # the client AdamW, fused, stepping DeepSpeed's partitions
     if launcher == "deepspeed":  # no OMP_NUM_THREADS: the 2 processes on this machine take half the cores each
