@@ -16,10 +16,11 @@ from peft_tuner.modeling import attend_row_by_row, build_peft_model, cpu_dropout
 DEFAULT_RECIPE = ROOT / "configs" / "twitter_complaints_smollm2.yaml"
 
 
-def recipe_rows_and_model(recipe: str | Path = DEFAULT_RECIPE) -> tuple[Config, object, list[dict], torch.nn.Module]:
+def recipe_rows_and_model(recipe: str | Path = DEFAULT_RECIPE, overrides: list[str] | None = None
+                          ) -> tuple[Config, object, list[dict], torch.nn.Module]:
     """(config, tokenizer, tokenized training examples, LoRA model in train mode); padding-free rows attend row by row
     and dropout is CpuDropout, as the trainer sets it up on a CPU."""
-    cfg = load_config(str(recipe))
+    cfg = load_config(str(recipe), overrides or [])
     tokenizer = load_tokenizer(cfg.model)
     table = read_table(cfg.data.train_file, "train")
     task = build_task(cfg.data, table)

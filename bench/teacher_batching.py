@@ -36,9 +36,10 @@ def main() -> None:
     parser.add_argument("--recipe", default=str(DEFAULT_RECIPE))
     parser.add_argument("--teachers", type=int, nargs="+", default=[1, 2, 3, 6])
     parser.add_argument("--steps", type=int, default=5, help="timed steps per batch size (after one warm-up step)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides of the recipe, e.g. model.dtype=bf16")
     args = parser.parse_args()
 
-    cfg, tokenizer, examples, model = recipe_rows_and_model(args.recipe)
+    cfg, tokenizer, examples, model = recipe_rows_and_model(args.recipe, args.overrides)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.train.learning_rate)
 
     rows = []
@@ -58,9 +59,9 @@ def main() -> None:
         print(rows[-1], flush=True)
     single = rows[0]["seconds_per_row"]
     lines = [f"Run {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%dT%H:%M:%SZ}: `OMP_NUM_THREADS={torch.get_num_threads()} "
-             f"python bench/teacher_batching.py` on {cpu_name()} "
+             f"python bench/teacher_batching.py{''.join(' ' + o for o in args.overrides)}` on {cpu_name()} "
              f"({torch.get_num_threads()} threads), torch {torch.__version__}; the recipe "
-             f"`{Path(args.recipe).relative_to(ROOT)}`, medians of {args.steps} steps.", "",
+             f"`{Path(args.recipe).relative_to(ROOT)}` ({cfg.model.dtype} weights), medians of {args.steps} steps.", "",
              "| teachers stacked | rows per forward | s per row (forward + backward + AdamW) | best-case training time of the teachers, in recipe runs |",
              "|---|---|---|---|"]
     for r in rows:
