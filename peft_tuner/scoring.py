@@ -1,8 +1,8 @@
 """The scoring engine: how a model's answers to prompts are measured, with no files and no metrics.
 
-Rank classification scores each class name by its log-likelihood after the prompt: the prompt is encoded once, its KV
-cache is shared by every candidate label, and the candidates go through the model as one token tree (shared prefixes
-fed once), so no answer can be invalid and 77 classes stay cheap. Generation decodes a few tokens and maps the text to
+Rank classification scores each class name by its log-likelihood after the prompt: the prompt is encoded once and
+every candidate label reads it, the candidates going through the model as one token tree (shared prefixes fed once)
+in the prompt's own forward, so no answer can be invalid and 77 classes stay cheap. Generation decodes a few tokens and maps the text to
 a class, as the reference recipe does. Text is scored by its mean next-token loss.
 """
 from __future__ import annotations
@@ -32,10 +32,11 @@ def rank_scores(model, encoder: Encoder, rows: list[dict], batch_size: int, shar
                 progress=None) -> torch.Tensor:
     """[rows, classes] summed log-probabilities of each class's tokens (label + EOS) after the prompt.
 
-    With `share_cache` (the default, except for prompt-learning models) the prompt is encoded once; then, where the
-    model takes position ids and a custom attention mask,
-    all candidates are scored in one forward as a token tree (class names sharing a prefix share its tokens), else each
-    candidate runs on its own copy of the prompt's cache."""
+    With `share_cache` (the default, except for prompt-learning models) the prompt is encoded once: where the model
+    takes position ids and a custom attention mask, its tokens and all candidates' as a token tree (class names sharing
+    a prefix share its tokens) go through one forward, else each candidate runs on its own copy of the prompt's cache.
+    One forward rather than the prompt's and then the tree's on its cache: SmolLM2 on the 300 dev rows in bf16 on a
+    2-core CPU, 32.8 against 28.3-28.6 examples/s, the same scores (fp32: 15.3 against 15.4)."""
     share_cache = not is_prompt_learning(model) if share_cache is None else share_cache
     candidates = [encoder.label_ids[name] for name in encoder.task.class_names]
     reserve = max(len(c) for c in candidates)
@@ -149,25 +150,31 @@ def _vocab_size(model) -> int:
 
 @torch.no_grad()
 def _score_tree(model, prompts: list[list[int]], tree: CandidateTree, pad: int) -> torch.Tensor:
+    """One forward over each left-padded prompt followed by the tree's nodes: the nodes see the prompt's real tokens
+    and their own ancestors, the prompt sees only itself (causally), so the prompt's positions compute what they
+    would alone. Logits only at the prompt's last token (every candidate's first token) and at the nodes."""
     batch = collate([{"input_ids": p} for p in prompts], pad)
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items()}
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
-                use_cache=True, logits_to_keep=1)
-    first = F.log_softmax(out.logits[:, -1].float(), dim=-1)
-    scores = first[:, [c[0] for c in tree.candidates]].clone()
-    if not len(tree):
-        return scores.cpu()
     n_prompts, width, nodes = len(prompts), batch["input_ids"].shape[1], len(tree)
-    keep = torch.cat([batch["attention_mask"].bool()[:, None, :].expand(n_prompts, nodes, width),
-                      tree.allowed.to(device)[None].expand(n_prompts, nodes, nodes)], dim=-1)
-    dtype = out.logits.dtype
+    real = batch["attention_mask"].bool()
+    causal = torch.ones((width, width), dtype=torch.bool, device=device).tril()
+    prompt_rows = torch.cat([causal[None] & real[:, None, :], torch.zeros((n_prompts, width, nodes), dtype=torch.bool,
+                                                                            device=device)], dim=-1)
+    node_rows = torch.cat([real[:, None, :].expand(n_prompts, nodes, width),
+                           tree.allowed.to(device)[None].expand(n_prompts, nodes, nodes)], dim=-1)
+    keep = torch.cat([prompt_rows, node_rows], dim=1)
+    keep |= torch.eye(width + nodes, dtype=torch.bool, device=device)[None]  # a padding position sees itself: no empty row
+    dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
     mask = torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill_(~keep, torch.finfo(dtype).min)[:, None]
-    positions = batch["attention_mask"].sum(1)[:, None] + torch.tensor(tree.depths, device=device)[None]
-    out.logits = None
-    logits = model(input_ids=torch.tensor(tree.tokens, device=device)[None].expand(n_prompts, nodes),
-                   attention_mask=mask, position_ids=positions, past_key_values=out.past_key_values, use_cache=True).logits
-    logp = F.log_softmax(logits.float(), dim=-1)[:, tree.score_nodes.to(device), tree.score_tokens.to(device)]
+    depths, node_tokens = (torch.tensor(v, dtype=torch.long, device=device)[None] for v in (tree.depths, tree.tokens))
+    positions = torch.cat([batch["position_ids"], real.sum(1)[:, None] + depths], dim=1)
+    tokens = torch.cat([batch["input_ids"], node_tokens.expand(n_prompts, nodes)], dim=1)
+    logits = model(input_ids=tokens, attention_mask=mask, position_ids=positions, use_cache=False,
+                   logits_to_keep=nodes + 1).logits.float()  # [prompts, 1 + nodes, vocab]
+    first = F.log_softmax(logits[:, 0], dim=-1)
+    scores = first[:, [c[0] for c in tree.candidates]].clone()
+    logp = F.log_softmax(logits[:, 1:], dim=-1)[:, tree.score_nodes.to(device), tree.score_tokens.to(device)]
     scores.index_add_(1, tree.score_owner.to(device), logp)
     return scores.cpu()
 
