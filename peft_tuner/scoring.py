@@ -22,6 +22,7 @@ from peft_tuner.modeling import decode, is_prompt_learning, stop_token_ids
 
 LOGITS_BUDGET = 64 * 2**20  # floats of candidate logits held at once (256 MB in fp32)
 SCORE_WITH_EAGER_ATTENTION_ON_CPU = True  # bench/eval_speed_settings.py turns it off to compare
+SHARE_PROMPT_PREFIX = True  # likewise
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -36,28 +37,38 @@ def rank_scores(model, encoder: Encoder, rows: list[dict], batch_size: int, shar
     takes position ids and a custom attention mask, its tokens and all candidates' as a token tree (class names sharing
     a prefix share its tokens) go through one forward, else each candidate runs on its own copy of the prompt's cache.
     One forward rather than the prompt's and then the tree's on its cache: SmolLM2 on the 300 dev rows in bf16 on a
-    2-core CPU, 32.8 against 28.3-28.6 examples/s, the same scores (fp32: 15.3 against 15.4)."""
+    2-core CPU, 32.8 against 28.3-28.6 examples/s, the same scores (fp32: 15.3 against 15.4). The tokens that most
+    prompts start with (the template's head; with data.chat_format the chat template's system turn) go through the
+    model once, and the batches of those prompts read their cache."""
     share_cache = not is_prompt_learning(model) if share_cache is None else share_cache
     candidates = [encoder.label_ids[name] for name in encoder.task.class_names]
     reserve = max(len(c) for c in candidates)
     pad = encoder.tokenizer.pad_token_id
     prompts = [encoder.prompt_ids(row, reserve=reserve)[0] for row in rows]
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths together: little padding
     tree = CandidateTree(candidates) if share_cache and takes_tree_mask(model) else None
     if tree is not None and len(tree):
         batch_size = max(1, min(batch_size, LOGITS_BUDGET // (len(tree) * _vocab_size(model))))
     scores = torch.zeros((len(rows), len(candidates)))
     with eager_attention_on_cpu(model):
-        for start in range(0, len(order), batch_size):
-            chunk = order[start:start + batch_size]
-            if tree is not None:
-                scores[chunk] = _score_tree(model, [prompts[i] for i in chunk], tree, pad)
-            elif share_cache:
-                scores[chunk] = _score_with_shared_cache(model, [prompts[i] for i in chunk], candidates, pad)
-            else:
-                scores[chunk] = torch.stack([_score_concatenated(model, prompts[i], candidates, pad) for i in chunk])
-            if progress is not None:
-                progress.update(len(chunk))
+        prefix, sharing = [], set()
+        if SHARE_PROMPT_PREFIX and tree is not None and not _zero3_partitioned(model):
+            prefix, sharing = shared_prefix(prompts)
+        cache = _prefix_cache(model, prefix) if prefix else None
+        groups = [[i for i in range(len(prompts)) if i not in sharing], sorted(sharing)] if cache is not None \
+            else [list(range(len(prompts)))]
+        for group, group_cache in zip(groups, (None, cache)):
+            skip = len(prefix) if group_cache is not None else 0
+            order = sorted(group, key=lambda i: len(prompts[i]))  # similar lengths together: little padding
+            for start in range(0, len(order), batch_size):
+                chunk = order[start:start + batch_size]
+                if tree is not None:
+                    scores[chunk] = _score_tree(model, [prompts[i][skip:] for i in chunk], tree, pad, group_cache)
+                elif share_cache:
+                    scores[chunk] = _score_with_shared_cache(model, [prompts[i] for i in chunk], candidates, pad)
+                else:
+                    scores[chunk] = torch.stack([_score_concatenated(model, prompts[i], candidates, pad) for i in chunk])
+                if progress is not None:
+                    progress.update(len(chunk))
     return scores
 
 
@@ -148,15 +159,47 @@ def _vocab_size(model) -> int:
     return getattr(weight, "ds_shape", weight.shape)[0]  # under ZeRO-3 the local tensor is empty
 
 
+def shared_prefix(prompts: list[list[int]], share: float = 0.5) -> tuple[list[int], set[int]]:
+    """(tokens, prompts): the longest run of first tokens that at least `share` of the prompts (and two) start with,
+    short of each one's last token (whose logits are needed), and the indices of the prompts that start with it. A
+    prompt cut at data.max_length loses its start, so not every prompt need share the template's head."""
+    prefix, group = [], list(range(len(prompts)))
+    while True:
+        depth = len(prefix)
+        by_token: dict[int, list[int]] = {}
+        for i in group:
+            if len(prompts[i]) > depth + 1:
+                by_token.setdefault(prompts[i][depth], []).append(i)
+        token, members = max(by_token.items(), key=lambda kv: len(kv[1]), default=(None, []))
+        if len(members) < max(2, share * len(prompts)):
+            return prefix, set(group) if prefix else set()
+        prefix, group = prefix + [token], members
+
+
+def _zero3_partitioned(model) -> bool:
+    """Whether the weights are ZeRO-3 shards, where every rank must run as many forwards (each gathers the weights)."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
 @torch.no_grad()
-def _score_tree(model, prompts: list[list[int]], tree: CandidateTree, pad: int) -> torch.Tensor:
+def _prefix_cache(model, prefix: list[int]):
+    """The key/value cache of the shared prefix at batch size 1, or None where the model keeps no cache."""
+    device = next(model.parameters()).device
+    cache = model(input_ids=torch.tensor([prefix], device=device), use_cache=True).past_key_values
+    return cache if cache is not None and cache.get_seq_length() == len(prefix) else None
+
+
+@torch.no_grad()
+def _score_tree(model, prompts: list[list[int]], tree: CandidateTree, pad: int, prefix_cache=None) -> torch.Tensor:
     """One forward over each left-padded prompt followed by the tree's nodes: the nodes see the prompt's real tokens
     and their own ancestors, the prompt sees only itself (causally), so the prompt's positions compute what they
-    would alone. Logits only at the prompt's last token (every candidate's first token) and at the nodes."""
+    would alone. Logits only at the prompt's last token (every candidate's first token) and at the nodes. With
+    `prefix_cache` the prompts are what follows the shared prefix, which every position sees from the cache."""
     batch = collate([{"input_ids": p} for p in prompts], pad)
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items()}
     n_prompts, width, nodes = len(prompts), batch["input_ids"].shape[1], len(tree)
+    shared = prefix_cache.get_seq_length() if prefix_cache is not None else 0
     real = batch["attention_mask"].bool()
     causal = torch.ones((width, width), dtype=torch.bool, device=device).tril()
     prompt_rows = torch.cat([causal[None] & real[:, None, :], torch.zeros((n_prompts, width, nodes), dtype=torch.bool,
@@ -165,13 +208,18 @@ def _score_tree(model, prompts: list[list[int]], tree: CandidateTree, pad: int) 
                            tree.allowed.to(device)[None].expand(n_prompts, nodes, nodes)], dim=-1)
     keep = torch.cat([prompt_rows, node_rows], dim=1)
     keep |= torch.eye(width + nodes, dtype=torch.bool, device=device)[None]  # a padding position sees itself: no empty row
+    keep = torch.cat([torch.ones((n_prompts, width + nodes, shared), dtype=torch.bool, device=device), keep], dim=-1)
     dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
     mask = torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill_(~keep, torch.finfo(dtype).min)[:, None]
     depths, node_tokens = (torch.tensor(v, dtype=torch.long, device=device)[None] for v in (tree.depths, tree.tokens))
-    positions = torch.cat([batch["position_ids"], real.sum(1)[:, None] + depths], dim=1)
+    positions = shared + torch.cat([batch["position_ids"], real.sum(1)[:, None] + depths], dim=1)
     tokens = torch.cat([batch["input_ids"], node_tokens.expand(n_prompts, nodes)], dim=1)
-    logits = model(input_ids=tokens, attention_mask=mask, position_ids=positions, use_cache=False,
-                   logits_to_keep=nodes + 1).logits.float()  # [prompts, 1 + nodes, vocab]
+    cache = None
+    if prefix_cache is not None:  # a copy per batch: the forward appends this batch's keys and values to it
+        cache = copy.deepcopy(prefix_cache)
+        cache.batch_repeat_interleave(n_prompts)
+    logits = model(input_ids=tokens, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                   use_cache=cache is not None, logits_to_keep=nodes + 1).logits.float()  # [prompts, 1 + nodes, vocab]
     first = F.log_softmax(logits[:, 0], dim=-1)
     scores = first[:, [c[0] for c in tree.candidates]].clone()
     logp = F.log_softmax(logits[:, 1:], dim=-1)[:, tree.score_nodes.to(device), tree.score_tokens.to(device)]

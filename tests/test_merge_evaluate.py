@@ -17,7 +17,7 @@ from peft_tuner.config import Config, ConfigError, DataConfig, ModelConfig, Peft
 from peft_tuner.data import DataError, Encoder, build_task, prepare_split, read_table, select_rows
 from peft_tuner.evaluate import prior_offsets
 from peft_tuner.metrics import classification_metrics, headline_metrics
-from peft_tuner.scoring import CandidateTree, rank_scores, takes_tree_mask, text_to_class
+from peft_tuner.scoring import CandidateTree, rank_scores, shared_prefix, takes_tree_mask, text_to_class
 from peft_tuner.merge import MergeError, merge
 from peft_tuner.modeling import build_peft_model, decode, load_base_model, load_tokenizer
 
@@ -118,6 +118,37 @@ def test_rank_classification_matches_scoring_each_candidate_alone(tiny_models, d
                 alone[r, c] = sum(logp[len(prompt) - 1 + j, t] for j, t in enumerate(label))
     torch.testing.assert_close(batched, alone, atol=2e-4, rtol=1e-4)
     assert batched.argmax(1).tolist() == alone.argmax(1).tolist()
+
+
+def test_shared_prefix_is_the_longest_run_of_first_tokens_most_prompts_share():
+    prompts = [[1, 2, 3, 4, 9], [1, 2, 3, 5], [1, 2, 3], [7, 2, 3, 4]]
+    # [7, ...] lost its start to max_length; [1, 2, 3] needs its last token's logits, so it cannot take the third
+    assert shared_prefix(prompts) == ([1, 2, 3], {0, 1})
+    assert shared_prefix(prompts, share=0.75) == ([1, 2], {0, 1, 2})
+    assert shared_prefix([[1, 2], [3, 4], [5, 6]]) == ([], set())
+    assert shared_prefix([[1, 2], [1, 2]]) == ([1], {0, 1})
+
+
+def test_rank_classification_runs_the_shared_prompt_head_once_with_the_same_scores(tiny_models, data_dir,
+                                                                                    monkeypatch):
+    from peft_tuner import scoring
+
+    config = ModelConfig(name_or_path=str(tiny_models["llama"]))
+    table = read_table(str(data_dir / "raft"), "train")
+    encoder = Encoder(load_tokenizer(config), build_task(DataConfig(), table), 40)  # the longest row loses its start
+    rows = table.rows[:12]
+    model = load_base_model(config, "fp32").eval()
+    built, cache_of = [], scoring._prefix_cache
+    monkeypatch.setattr(scoring, "_prefix_cache", lambda m, prefix: built.append(prefix) or cache_of(m, prefix))
+    shared = rank_scores(model, encoder, rows, batch_size=3)
+    monkeypatch.setattr(scoring, "SHARE_PROMPT_PREFIX", False)
+    plain = rank_scores(model, encoder, rows, batch_size=3)
+    assert len(built) == 1 and len(built[0]) >= 3  # "Tweet text :" at least, once for all the batches
+    reserve = max(len(ids) for ids in encoder.label_ids.values())
+    starts = [encoder.prompt_ids(row, reserve=reserve)[0][:len(built[0])] == built[0] for row in rows]
+    assert 0 < starts.count(False) < len(rows) / 2  # both kinds of batch ran: with the cache and without
+    torch.testing.assert_close(shared, plain, atol=1e-5, rtol=1e-5)
+    assert shared.argmax(1).tolist() == plain.argmax(1).tolist()
 
 
 def test_rank_classification_in_bf16_on_the_cpu_runs_plain_attention_and_puts_sdpa_back(tiny_models, data_dir,
