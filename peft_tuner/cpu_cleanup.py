@@ -39,6 +39,61 @@ def remove_stale_build_locks(min_age_s: float = 60) -> list[str]:
     return removed
 
 
+def remove_abandoned_build_locks(min_age_s: float = 2) -> list[str]:
+    """Build locks that no process holds open, older than min_age_s: torch's FileBaton keeps its lock's file open from
+    creating it to removing it, so a lock nobody has open was left by a process that died holding it (a run stopped
+    by SIGTERM before its handler was installed, while it checked an op's build). Removed and named; returns them."""
+    import time
+
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    locks = [lock for pattern in ("*/lock", "*/*/lock") for lock in root.glob(pattern)
+             if time.time() - lock.stat().st_mtime > min_age_s]
+    if not locks:
+        return []
+    held = _of_every_process("fd", _open_files)
+    removed = []
+    for lock in locks:
+        if str(lock.resolve()) not in held:
+            with contextlib.suppress(FileNotFoundError):
+                lock.unlink()
+            print(f"peft-tuner: removed {lock}: the process that held it died, and every run waiting on it would have "
+                  "waited for ever.", flush=True)
+            removed.append(str(lock))
+    return removed
+
+
+def watch_build_locks(poll_s: float = 1.0, give_up_s: float = 900):
+    """A waiter on a build lock never looks again, and DeepSpeed's CPU backend loads its shm op under one when it comes
+    up, in every run. Until DeepSpeed's communication is up in this process (or give_up_s), a daemon thread removes
+    abandoned locks (remove_abandoned_build_locks) every poll_s. Returns the thread."""
+    import threading
+    import time
+
+    import deepspeed.comm.comm as ds_comm
+
+    def watch():
+        deadline = time.time() + give_up_s
+        while getattr(ds_comm, "cdb", None) is None and time.time() < deadline:
+            with contextlib.suppress(OSError):
+                remove_abandoned_build_locks()
+            time.sleep(poll_s)
+
+    thread = threading.Thread(target=watch, name="peft-tuner build-lock watch", daemon=True)
+    thread.start()
+    return thread
+
+
+def _open_files(fd_dir: Path) -> set[str]:
+    """The paths a process has open (an fd closed meanwhile is skipped, not the whole process)."""
+    found = set()
+    for fd in fd_dir.iterdir():
+        with contextlib.suppress(OSError):
+            found.add(os.readlink(fd))
+    return found
+
+
 def _of_every_process(entry: str, read) -> set:
     """The union of read(/proc/<pid>/<entry>) over the processes this user may read (another user's, and one that
     ended meanwhile, are skipped)."""

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from peft_tuner.config import ConfigError
-from peft_tuner.cpu_cleanup import free_orphaned_shared_memory, remove_stale_build_locks, unlink_shared_memory_segment
+from peft_tuner.cpu_cleanup import (free_orphaned_shared_memory, remove_stale_build_locks, unlink_shared_memory_segment,
+                                    watch_build_locks)
 
 MPI_RANK_VARIABLES = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK")
 
@@ -75,6 +76,11 @@ def init_distributed() -> str:
     # active exception", in a few runs out of a hundred). Imported first, the defaults are None.
     deepspeed = import_deepspeed()
     import torch.distributed.nn  # noqa: F401
+
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu":
+        watch_build_locks()
 
     if launcher == "python" and not torch.distributed.is_initialized():
         # One process, no launcher: a group of one over an in-memory store. (A free TCP port, picked then bound, was

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -133,3 +134,37 @@ def test_a_lock_left_by_a_killed_op_build_is_removed(tmp_path, monkeypatch):
     finally:
         ninja.kill()
     assert not stale.exists() and fresh.exists() and building.exists()
+
+
+def test_a_lock_no_process_holds_open_is_removed_while_deepspeed_comes_up(tmp_path, monkeypatch):
+    """A run stopped while it checked an op's build under its lock (before its SIGTERM handler was installed) left the
+    lock, and a run started meanwhile waited on it for ever. torch's FileBaton keeps the lock open while it holds it:
+    a lock nobody has open is removed, by a thread that watches until DeepSpeed's communication is up."""
+    import deepspeed.comm.comm as ds_comm
+
+    from peft_tuner.cpu_cleanup import remove_abandoned_build_locks, watch_build_locks
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    abandoned, held, fresh = (tmp_path / "py311_cpu" / op / "lock" for op in ("deepspeed_shm_comm", "cpu_adam", "fused_adam"))
+    for lock in (abandoned, held, fresh):
+        lock.parent.mkdir(parents=True)
+        lock.touch()
+    for lock in (abandoned, held):
+        os.utime(lock, (time.time() - 10, time.time() - 10))
+    holder = subprocess.Popen([sys.executable, "-c", f"f = open({str(held)!r}); import time; time.sleep(60)"])
+    try:
+        time.sleep(1.0)  # the holder has opened it
+        assert remove_abandoned_build_locks() == [str(abandoned)]
+        assert held.exists() and fresh.exists()
+        monkeypatch.setattr(ds_comm, "cdb", None)
+        watch = watch_build_locks(poll_s=0.1, give_up_s=30)
+        os.utime(fresh, (time.time() - 10, time.time() - 10))  # its owner died: the watch removes it
+        deadline = time.time() + 10
+        while fresh.exists() and time.time() < deadline:
+            time.sleep(0.1)
+        assert not fresh.exists() and held.exists()
+        monkeypatch.setattr(ds_comm, "cdb", object())  # communication is up: the watch ends
+        watch.join(timeout=5)
+        assert not watch.is_alive()
+    finally:
+        holder.kill()
