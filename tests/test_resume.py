@@ -115,6 +115,16 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_models, d
     assert saved["train"]["learning_rate"] == 1e30
 
 
+def build_locks(root, ages: list[float]) -> list:
+    """Build lock files of three ops under a torch extensions folder, each `ages[i]` seconds old."""
+    locks = [root / "py311_cpu" / op / "lock" for op in ("deepspeed_shm_comm", "cpu_adam", "fused_adam")]
+    for lock, age in zip(locks, ages):
+        lock.parent.mkdir(parents=True)
+        lock.touch()
+        os.utime(lock, (time.time() - age, time.time() - age))
+    return locks
+
+
 def test_a_lock_left_by_a_killed_op_build_is_removed(tmp_path, monkeypatch):
     """DeepSpeed JIT-builds its CPU ops under a lock file; a run killed midway leaves it, and the next run waited on it
     for ever (a test run that timed out during the build hung every later one). init_distributed removes a lock over a
@@ -122,12 +132,7 @@ def test_a_lock_left_by_a_killed_op_build_is_removed(tmp_path, monkeypatch):
     from peft_tuner.cpu_cleanup import remove_stale_build_locks
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    stale, fresh, building = (tmp_path / "py311_cpu" / op / "lock" for op in ("deepspeed_shm_comm", "cpu_adam", "fused_adam"))
-    for lock in (stale, fresh, building):
-        lock.parent.mkdir(parents=True)
-        lock.touch()
-    for lock in (stale, building):
-        os.utime(lock, (time.time() - 3600, time.time() - 3600))
+    stale, fresh, building = build_locks(tmp_path, [3600, 0, 3600])
     ninja = subprocess.Popen(["sleep", "60"], cwd=building.parent)  # stands for the build's ninja, working in its folder
     try:
         assert remove_stale_build_locks() == [str(stale)]
@@ -145,12 +150,7 @@ def test_a_lock_no_process_holds_open_is_removed_while_deepspeed_comes_up(tmp_pa
     from peft_tuner.cpu_cleanup import remove_abandoned_build_locks, watch_build_locks
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    abandoned, held, fresh = (tmp_path / "py311_cpu" / op / "lock" for op in ("deepspeed_shm_comm", "cpu_adam", "fused_adam"))
-    for lock in (abandoned, held, fresh):
-        lock.parent.mkdir(parents=True)
-        lock.touch()
-    for lock in (abandoned, held):
-        os.utime(lock, (time.time() - 10, time.time() - 10))
+    abandoned, held, fresh = build_locks(tmp_path, [10, 10, 0])
     holder = subprocess.Popen([sys.executable, "-c", f"f = open({str(held)!r}); import time; time.sleep(60)"])
     try:
         time.sleep(1.0)  # the holder has opened it
