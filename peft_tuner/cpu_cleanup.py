@@ -14,10 +14,11 @@ from pathlib import Path
 import torch
 
 def remove_stale_build_locks(min_age_s: float = 60) -> list[str]:
-    """DeepSpeed JIT-builds its CPU ops under a lock file (torch's FileBaton); a run killed during the build leaves the
-    lock, and every later run would wait on it for ever, without a word. A lock is stale when it is older than
-    min_age_s and no process works in its folder (a live build runs ninja there, start to end): those are removed and
-    named. Returns their paths."""
+    """DeepSpeed JIT-builds its CPU ops under a lock file (torch's FileBaton); a run killed during the build, or stopped
+    by SIGTERM (before its handler was installed) while it checked an op's build, leaves the lock, and every later run
+    would wait on it for ever, without a word. A lock is stale when it is older than min_age_s, no process has it open
+    (FileBaton keeps it open from creating it to removing it) and no process works in its folder (a live build runs
+    ninja there, start to end): those are removed and named. Returns their paths."""
     import time
 
     from torch.utils.cpp_extension import get_default_build_root
@@ -28,38 +29,14 @@ def remove_stale_build_locks(min_age_s: float = 60) -> list[str]:
     if not locks:
         return []
     busy = _of_every_process("cwd", lambda cwd: {cwd.resolve(strict=True)})
-    removed = []
-    for lock in locks:
-        if lock.parent.resolve() not in busy:
-            with contextlib.suppress(FileNotFoundError):  # the other rank was quicker
-                lock.unlink()
-            print(f"peft-tuner: removed {lock}: a build of that op was killed midway and left it, and this run would have "
-                  "waited on it for ever.", flush=True)
-            removed.append(str(lock))
-    return removed
-
-
-def remove_abandoned_build_locks(min_age_s: float = 2) -> list[str]:
-    """Build locks that no process holds open, older than min_age_s: torch's FileBaton keeps its lock's file open from
-    creating it to removing it, so a lock nobody has open was left by a process that died holding it (a run stopped
-    by SIGTERM before its handler was installed, while it checked an op's build). Removed and named; returns them."""
-    import time
-
-    from torch.utils.cpp_extension import get_default_build_root
-
-    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
-    locks = [lock for pattern in ("*/lock", "*/*/lock") for lock in root.glob(pattern)
-             if time.time() - lock.stat().st_mtime > min_age_s]
-    if not locks:
-        return []
     held = _of_every_process("fd", _open_files)
     removed = []
     for lock in locks:
-        if str(lock.resolve()) not in held:
-            with contextlib.suppress(FileNotFoundError):
+        if lock.parent.resolve() not in busy and str(lock.resolve()) not in held:
+            with contextlib.suppress(FileNotFoundError):  # the other rank was quicker
                 lock.unlink()
-            print(f"peft-tuner: removed {lock}: the process that held it died, and every run waiting on it would have "
-                  "waited for ever.", flush=True)
+            print(f"peft-tuner: removed {lock}: the run that held it died, and this run would have waited on it for "
+                  "ever.", flush=True)
             removed.append(str(lock))
     return removed
 
@@ -67,7 +44,7 @@ def remove_abandoned_build_locks(min_age_s: float = 2) -> list[str]:
 def watch_build_locks(poll_s: float = 1.0, give_up_s: float = 900):
     """A waiter on a build lock never looks again, and DeepSpeed's CPU backend loads its shm op under one when it comes
     up, in every run. Until DeepSpeed's communication is up in this process (or give_up_s), a daemon thread removes
-    abandoned locks (remove_abandoned_build_locks) every poll_s. Returns the thread."""
+    stale locks every poll_s, those no process holds after 2 s (remove_stale_build_locks). Returns the thread."""
     import threading
     import time
 
@@ -77,7 +54,7 @@ def watch_build_locks(poll_s: float = 1.0, give_up_s: float = 900):
         deadline = time.time() + give_up_s
         while getattr(ds_comm, "cdb", None) is None and time.time() < deadline:
             with contextlib.suppress(OSError):
-                remove_abandoned_build_locks()
+                remove_stale_build_locks(min_age_s=2)
             time.sleep(poll_s)
 
     thread = threading.Thread(target=watch, name="peft-tuner build-lock watch", daemon=True)

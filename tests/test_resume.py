@@ -147,14 +147,14 @@ def test_a_lock_no_process_holds_open_is_removed_while_deepspeed_comes_up(tmp_pa
     a lock nobody has open is removed, by a thread that watches until DeepSpeed's communication is up."""
     import deepspeed.comm.comm as ds_comm
 
-    from peft_tuner.cpu_cleanup import remove_abandoned_build_locks, watch_build_locks
+    from peft_tuner.cpu_cleanup import remove_stale_build_locks, watch_build_locks
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     abandoned, held, fresh = build_locks(tmp_path, [10, 10, 0])
     holder = subprocess.Popen([sys.executable, "-c", f"f = open({str(held)!r}); import time; time.sleep(60)"])
     try:
         time.sleep(1.0)  # the holder has opened it
-        assert remove_abandoned_build_locks() == [str(abandoned)]
+        assert remove_stale_build_locks(min_age_s=2) == [str(abandoned)]
         assert held.exists() and fresh.exists()
         monkeypatch.setattr(ds_comm, "cdb", None)
         watch = watch_build_locks(poll_s=0.1, give_up_s=30)
