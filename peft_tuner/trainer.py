@@ -76,6 +76,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, problems: 
     add_neftune_noise(model, cfg.train.neftune_alpha)
     trainable, total = count_parameters(model)
     engine = setup_engine(model, ds_config, cfg, total_steps)
+    leaf_modules = backward_through_leaf_modules(engine.module) if stage == 3 else 0
     if cfg.train.padding_free:
         check_padding_free(engine.module, data.examples, tokenizer.pad_token_id, cfg.model.dtype)  # the model keeps rows apart
         rows_apart = cfg.train.packed_attention == "rows" and attend_row_by_row(engine.module)
@@ -115,7 +116,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, problems: 
                 "cpu_threads": torch.get_num_threads(), "cpu_dropouts": fast_dropouts, "compiled": cfg.train.compile,
                 "autocast": autocast,
                 "malloc_mmap_threshold": dist.MMAP_THRESHOLD_BYTES if weights_mapped_apart else None,
-                "zero3_release": "indexed" if release_indexed else None,
+                "zero3_release": "indexed" if release_indexed else None, "zero3_leaf_modules": leaf_modules,
                 "onednn_primitive_cache": os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY"),
                 "optimizer": optimizer_name(engine),
                 "packed_attention": packed_attention if cfg.train.padding_free else None, "rows": data.rows,
@@ -270,6 +271,22 @@ def setup_engine(model, ds_config: dict, cfg: Config, total_steps: int):
                                       fused=fused_adamw_fits(trainable))
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=make_scheduler(optimizer), config=ds_config)
     return engine
+
+
+def backward_through_leaf_modules(model) -> int:
+    """ZeRO-3 leaf modules (DeepSpeed's stage3_module_granularity_threshold, its leaf_module setting, or the MoE blocks
+    it makes leaves by default) gather their weights again for backward only from hooks on tensors that require grad.
+    With a frozen base, the first layers' inputs (the embeddings) require none: their weights stay partitioned and the
+    first backward fails on a weight's shape (a partitioned one, of size 0 or 1). So the embeddings' output requires
+    grad wherever there are leaf modules, as under gradient checkpointing. Returns how many leaf modules."""
+    try:
+        from deepspeed.utils.z3_leaf_module import z3_leaf_module
+    except ImportError:
+        return 0
+    leaves = sum(1 for m in model.modules() if z3_leaf_module(m))
+    if leaves and any(p.requires_grad for p in model.parameters()):
+        model.enable_input_require_grads()
+    return leaves
 
 
 def fused_adamw_fits(params: list[torch.Tensor]) -> bool:

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import run
+from conftest import ROOT, ds_config, records, run, step_losses, write_recipe
 
 pytestmark = pytest.mark.slow  # a DeepSpeed engine in a subprocess
 
@@ -65,3 +65,25 @@ def test_indexed_release_decisions_equal_deepspeeds_walk(tiny_models):
     assert result["modules"] > 50  # LoRA's modules in the trace, forward and backward
     assert result["compared"] == 5 * 2 * result["modules"]
     assert result["released"] > 0 and result["kept"] > 0  # both kinds of answer were compared
+
+
+def test_zero3_leaf_modules_train_a_lora_on_a_frozen_base(tiny_models, data_dir, tmp_path):
+    """DeepSpeed's ZeRO-3 leaf modules (here its leaf_module setting; also stage3_module_granularity_threshold, and
+    the MoE blocks it makes leaves by default) gather their weights for backward only from tensors that require grad:
+    with the base frozen, the first decoder layer's input has none and the first backward failed. One process, every
+    weight partitioned; the losses are those of the same run without leaf modules."""
+    config = json.loads(open(ds_config("zero3.json")).read())
+    config["zero_optimization"]["leaf_module"] = {"classes": ["LlamaDecoderLayer"]}
+    leafy = tmp_path / "zero3_leaf.json"
+    leafy.write_text(json.dumps(config))
+    losses = {}
+    for name, ds_file in (("leaf", str(leafy)), ("plain", ds_config("zero3.json"))):
+        recipe = write_recipe(tmp_path / f"{name}.yaml", tiny_models["llama"], data_dir / "raft", tmp_path / name,
+                              train={"epochs": 1, "verify_adapter": False})
+        run([sys.executable, str(ROOT / "launch" / "train.py"), str(recipe), "--deepspeed", ds_file])
+        start = next(r for r in records(tmp_path / name) if r["event"] == "start")
+        losses[name] = (start["zero3_leaf_modules"], step_losses(tmp_path / name))
+    layers = json.loads((tiny_models["llama"] / "config.json").read_text())["num_hidden_layers"]
+    assert losses["leaf"][0] == layers and losses["plain"][0] == 0
+    assert len(losses["leaf"][1]) > 1
+    assert losses["leaf"][1] == pytest.approx(losses["plain"][1], abs=1e-6)
