@@ -1,9 +1,11 @@
 """ZeRO-3's release decisions answered from an index of the trace (peft_tuner.zero3_release) are DeepSpeed's own: on a
-recorded trace of a LoRA model with every weight partitioned, for every position and several reuse distances."""
+recorded trace of a LoRA model with every weight partitioned, for every position and several reuse distances; and
+DeepSpeed's leaf modules train a LoRA on a frozen base."""
 from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -72,7 +74,7 @@ def test_zero3_leaf_modules_train_a_lora_on_a_frozen_base(tiny_models, data_dir,
     the MoE blocks it makes leaves by default) gather their weights for backward only from tensors that require grad:
     with the base frozen, the first decoder layer's input has none and the first backward failed. One process, every
     weight partitioned; the losses are those of the same run without leaf modules."""
-    config = json.loads(open(ds_config("zero3.json")).read())
+    config = json.loads(Path(ds_config("zero3.json")).read_text())
     config["zero_optimization"]["leaf_module"] = {"classes": ["LlamaDecoderLayer"]}
     leafy = tmp_path / "zero3_leaf.json"
     leafy.write_text(json.dumps(config))
