@@ -3,6 +3,7 @@
     .venv/bin/pip install -r bench/requirements.txt     # TRL, for its SFTTrainer (once)
     .venv/bin/python bench/speed_vs_peers.py            # tiny Llama and SmolLM2-135M-Instruct; 1 and 2 processes
     .venv/bin/python bench/speed_vs_peers.py --models tiny --repeats 1  # a minute: does every loop run?
+    .venv/bin/python bench/speed_vs_peers.py --tasks wikitext --models smollm2   # the text case alone
 
 Same model, rows (RAFT twitter_complaints: the 50 training rows, 300 dev rows), settings and machine for every loop:
 the PEFT example's (LoRA r=8, alpha 32, dropout 0.1 on q_proj and v_proj, AdamW lr 3e-3, linear schedule, batch 8,
@@ -22,6 +23,16 @@ ours / peer is the median of the ratios taken within each round (the pair ran mi
 - peft-tuner-padding-free-bf16, where the machine computes bf16 natively (a CPU with AVX-512 BF16 or AMX, a GPU):
   the same with model.dtype=bf16 (the frozen weights and the forward in bf16, the optimizer's master weights in fp32);
   evaluated by rank classification in bf16.
+
+The text case (--tasks wikitext): the first 100 lines of WikiText-2's train.txt, each line's tokens and an EOS
+joined and cut into blocks of 128 (transformers' run_clm group_texts; ours does the same), with the same LoRA and
+optimizer settings; evaluation is the perplexity of the first 100 lines of valid.txt, cut alike.
+- peft-example: the same plain loop over the blocks (labels = the block), perplexity from its own evaluation loop.
+- hf-trainer: the Trainer over the blocks (group_by_length is moot: every block is as long).
+- trl-sft-packing: TRL's SFTTrainer on the lines with packing=True, packing_strategy="wrapped", max_length=128 (what
+  LLaMA-Factory's and axolotl's pre-training stages do to text).
+- peft-tuner, peft-tuner-bf16: launch/train.py with configs/wikitext2_lora.yaml given the same settings, in fp32 and
+  with model.dtype=bf16; `peft-tuner evaluate` in fp32 and in bf16.
 
 Training figures: real (non-padding) tokens per second of the training loop (model loading left out), seconds per
 epoch, peak resident memory of the process (the largest rank's), final loss. Raw results go to
@@ -47,6 +58,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from report_blocks import BENCHMARKS, cpu_name, write_between_markers  # noqa: E402  (bench/ is the script's folder)
 DATA = ROOT.parent / "shared" / "data" / "raft" / "twitter_complaints"
+TEXT = ROOT.parent / "shared" / "data" / "wikitext-2"
 RESULTS = ROOT / "bench" / "results" / "speed_vs_peers.jsonl"
 
 SETTINGS = {"r": 8, "alpha": 32, "dropout": 0.1, "targets": ["q_proj", "v_proj"], "lr": 3e-3, "batch": 8, "max_length": 64,
@@ -55,6 +67,13 @@ PROMPT = "Tweet text : {} Label : "
 PEERS = ("peft-example", "hf-trainer", "hf-trainer-grouped", "trl-sft-padding-free")
 OURS = ("peft-tuner", "peft-tuner-padding-free", "peft-tuner-padding-free-bf16")
 EVALUATED = ("peft-example", "peft-tuner-padding-free", "peft-tuner-padding-free-bf16")  # on 1 process, every repeat
+TEXT_SETTINGS = {"lines": 100, "block": 128}
+# Per task: the peers on 1 process, ours, the loops evaluated, and ours in fp32 and bf16 as the ratios' columns.
+TASKS = {"twitter": {"peers": PEERS, "ours": OURS, "evaluated": EVALUATED,
+                     "compared": ("peft-tuner-padding-free", "peft-tuner-padding-free-bf16")},
+         "wikitext": {"peers": ("peft-example", "hf-trainer", "trl-sft-packing"), "ours": ("peft-tuner", "peft-tuner-bf16"),
+                      "evaluated": ("peft-example", "peft-tuner", "peft-tuner-bf16"),
+                      "compared": ("peft-tuner", "peft-tuner-bf16")}}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -67,6 +86,22 @@ def rows(split: str, limit: int | None = None) -> list[tuple[str, str]]:
     with open(DATA / f"{split}.csv", newline="", encoding="utf-8") as f:
         table = [(r["Tweet text"], r["Label"]) for r in csv.DictReader(f)]
     return table[:limit] if limit else table
+
+
+def text_lines(split: str) -> list[str]:
+    """The first TEXT_SETTINGS["lines"] lines of WikiText-2's train.txt or valid.txt."""
+    with open(TEXT / f"{split}.txt", encoding="utf-8") as f:
+        return f.read().splitlines()[:TEXT_SETTINGS["lines"]]
+
+
+def text_blocks(tokenizer, split: str) -> list[list[int]]:
+    """transformers' run_clm group_texts: every non-blank line's tokens and an EOS, joined, cut into full blocks."""
+    stream = []
+    for line in text_lines(split):
+        if line.strip():
+            stream += tokenizer(line, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    n = TEXT_SETTINGS["block"]
+    return [stream[i:i + n] for i in range(0, len(stream) - n + 1, n)]
 
 
 def model_path(name: str) -> Path:
@@ -89,6 +124,25 @@ def lora_config():
 
 def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def perplexity(model, blocks: list[list[int]], batch: int = 8) -> dict:
+    """run_clm_no_trainer's evaluation: the blocks in batches, the mean next-token loss, its exponential."""
+    import math
+
+    import torch
+
+    model.eval()
+    total, tokens, started = 0.0, 0, time.time()
+    for start in range(0, len(blocks), batch):
+        ids = torch.tensor(blocks[start:start + batch])
+        with torch.no_grad():
+            loss = model(input_ids=ids, labels=ids).loss
+        count = ids.numel() - ids.shape[0]  # the first token of each block is not predicted
+        total, tokens = total + float(loss) * count, tokens + count
+    seconds = time.time() - started
+    return {"examples_per_second": round(len(blocks) / seconds, 2), "perplexity": round(math.exp(total / tokens), 4),
+            "rows": len(blocks)}
 
 
 def generate_accuracy(model, tokenizer, dev: list[tuple[str, str]], batch: int = 8) -> dict:
@@ -116,7 +170,7 @@ def generate_accuracy(model, tokenizer, dev: list[tuple[str, str]], batch: int =
 # The peers, each run in a process of its own: `python bench/speed_vs_peers.py _run LOOP MODEL EPOCHS OUT.json`
 
 
-def run_peft_example(model_dir: Path, epochs: int, evaluate: bool) -> dict:
+def run_peft_example(model_dir: Path, epochs: int, evaluate: bool, task: str = "twitter") -> dict:
     import torch
     from accelerate import Accelerator
     from peft import get_peft_model
@@ -129,7 +183,10 @@ def run_peft_example(model_dir: Path, epochs: int, evaluate: bool) -> dict:
         tokenizer.pad_token_id = tokenizer.eos_token_id
     n = SETTINGS["max_length"]
     examples = []
-    for text, label in rows("train"):  # the example's preprocess_function, row by row
+    for block in text_blocks(tokenizer, "train") if task == "wikitext" else []:
+        examples.append({"input_ids": torch.tensor(block), "attention_mask": torch.ones(len(block), dtype=torch.long),
+                         "labels": torch.tensor(block)})
+    for text, label in rows("train") if task == "twitter" else []:  # the example's preprocess_function, row by row
         prompt = tokenizer(PROMPT.format(text)).input_ids
         target = tokenizer(label).input_ids + [tokenizer.pad_token_id]
         ids, labels = prompt + target, [-100] * len(prompt) + target
@@ -171,7 +228,9 @@ def run_peft_example(model_dir: Path, epochs: int, evaluate: bool) -> dict:
             curve.append((round(loop_seconds, 3), loss))
     result = {"loop_seconds": loop_seconds, "real_tokens": tokens, "final_loss": loss, "curve": curve,
               "peak_memory_gb": peak_rss_gb(), "rank": rank, "processes": world}
-    if evaluate and rank == 0:
+    if evaluate and rank == 0 and task == "wikitext":
+        result["eval"] = {"perplexity": perplexity(accelerator.unwrap_model(model), text_blocks(tokenizer, "valid"))}
+    elif evaluate and rank == 0:
         result["eval"] = {"generate": generate_accuracy(accelerator.unwrap_model(model), tokenizer, rows("dev"))}
     return result
 
@@ -204,7 +263,7 @@ def training_arguments(cls, out: str, epochs: int, **extra):
                save_strategy="no", report_to=[], use_cpu=True, dataloader_num_workers=0, disable_tqdm=True, **extra)
 
 
-def run_hf_trainer(model_dir: Path, epochs: int, grouped: bool) -> dict:
+def run_hf_trainer(model_dir: Path, epochs: int, grouped: bool, task: str = "twitter") -> dict:
     from datasets import Dataset
     from peft import get_peft_model
     from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments)
@@ -212,8 +271,9 @@ def run_hf_trainer(model_dir: Path, epochs: int, grouped: bool) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token_id = tokenizer.eos_token_id
-    features = []
-    for text, label in rows("train"):
+    features = [{"input_ids": b, "attention_mask": [1] * len(b), "labels": b}
+                for b in (text_blocks(tokenizer, "train") if task == "wikitext" else [])]
+    for text, label in rows("train") if task == "twitter" else []:
         prompt = tokenizer(PROMPT.format(text)).input_ids
         target = tokenizer(label).input_ids + [tokenizer.eos_token_id]
         ids = (prompt + target)[-SETTINGS["max_length"]:]
@@ -251,14 +311,35 @@ def run_trl_sft(model_dir: Path, epochs: int) -> dict:
             "peak_memory_gb": peak_rss_gb()}
 
 
-def run_one(loop: str, model: str, epochs: int, out: Path, evaluate: bool) -> None:
+def run_trl_packing(model_dir: Path, epochs: int) -> dict:
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    data = Dataset.from_list([{"text": line} for line in text_lines("train") if line.strip()])
+    clock = StepClock()
+    with tempfile.TemporaryDirectory() as out:
+        args = training_arguments(SFTConfig, out, epochs, packing=True, packing_strategy="wrapped",
+                                  max_length=TEXT_SETTINGS["block"], bf16=False)
+        trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir), args=args, train_dataset=data,
+                             processing_class=tokenizer, peft_config=lora_config(), callbacks=[clock.callback])
+        tokens = sum(len(ids) for ids in trainer.train_dataset["input_ids"]) * epochs
+        trainer.train()
+    return {"loop_seconds": clock.seconds, "real_tokens": tokens, "final_loss": clock.curve[-1][1], "curve": clock.curve,
+            "peak_memory_gb": peak_rss_gb()}
+
+
+def run_one(loop: str, model: str, epochs: int, out: Path, evaluate: bool, task: str) -> None:
     model_dir = model_path(model)
     if loop == "peft-example":
-        result = run_peft_example(model_dir, epochs, evaluate)
+        result = run_peft_example(model_dir, epochs, evaluate, task)
     elif loop.startswith("hf-trainer"):
-        result = run_hf_trainer(model_dir, epochs, grouped=loop.endswith("grouped"))
+        result = run_hf_trainer(model_dir, epochs, grouped=loop.endswith("grouped"), task=task)
     elif loop == "trl-sft-padding-free":
         result = run_trl_sft(model_dir, epochs)
+    elif loop == "trl-sft-packing":
+        result = run_trl_packing(model_dir, epochs)
     else:
         raise SystemExit(f"unknown loop {loop}")
     rank = result.get("rank", 0)
@@ -269,17 +350,29 @@ def run_one(loop: str, model: str, epochs: int, out: Path, evaluate: bool) -> No
 # Ours: the launch script a user runs, then the evaluate command
 
 
-def run_ours(loop: str, model: str, epochs: int, processes: int, stage: int, work: Path, evaluate: bool) -> dict:
+def run_ours(loop: str, model: str, epochs: int, processes: int, stage: int, work: Path, evaluate: bool,
+             task: str = "twitter") -> dict:
     python = sys.executable
     run_dir = work / "run"
-    overrides = [f"model.name_or_path={model_path(model)}", f"data.train_file={DATA}", f"data.eval_file={DATA / 'dev.csv'}",
-                 f"train.epochs={epochs}", f"train.batch_size={SETTINGS['batch'] // processes}", f"output_dir={run_dir}",
+    overrides = [f"model.name_or_path={model_path(model)}", f"train.epochs={epochs}",
+                 f"train.batch_size={SETTINGS['batch'] // processes}", f"output_dir={run_dir}",
                  "train.verify_adapter=false", "data.cache=false", "--overwrite"]
+    if task == "twitter":
+        recipe = "twitter_complaints_peft_example.yaml"
+        overrides += [f"data.train_file={DATA}", f"data.eval_file={DATA / 'dev.csv'}"]
+    else:  # the text recipe given the peers' settings
+        recipe = "wikitext2_lora.yaml"
+        overrides += [f"data.train_file={TEXT / 'train.txt'}", f"data.eval_file={TEXT / 'valid.txt'}",
+                      f"data.max_rows={TEXT_SETTINGS['lines']}", f"data.max_length={TEXT_SETTINGS['block']}",
+                      f"peft.target_modules=[{','.join(SETTINGS['targets'])}]", f"peft.r={SETTINGS['r']}",
+                      f"peft.alpha={SETTINGS['alpha']}", f"peft.dropout={SETTINGS['dropout']}",
+                      f"train.learning_rate={SETTINGS['lr']}", "train.lr_scheduler=linear", "train.warmup_ratio=0",
+                      f"train.seed={SETTINGS['seed']}"]
     if "padding-free" in loop:
         overrides.append("train.padding_free=true")
     if loop.endswith("-bf16"):
         overrides.append("model.dtype=bf16")
-    script = [str(ROOT / "launch" / "train.py"), str(ROOT / "configs" / "twitter_complaints_peft_example.yaml"), *overrides]
+    script = [str(ROOT / "launch" / "train.py"), str(ROOT / "configs" / recipe), *overrides]
     if processes == 1:
         cmd = [python, *script]
     else:
@@ -295,7 +388,18 @@ def run_ours(loop: str, model: str, epochs: int, processes: int, stage: int, wor
         curve.append((round(clock, 3), r["loss"]))
     result = {"loop_seconds": clock, "real_tokens": round(sum(r["tokens_per_second"] * r["step_seconds"] for r in steps)),
               "final_loss": steps[-1]["loss"], "curve": curve, "peak_memory_gb": summary["peak_memory_gb"]}
-    if evaluate:
+    if evaluate and task == "wikitext":
+        result["eval"] = {}
+        for name, dtype in (("perplexity", "fp32"), ("perplexity-bf16", "bf16")):
+            if loop.endswith("-bf16") and dtype == "fp32":
+                continue
+            subprocess.run([python, "-m", "peft_tuner.cli", "evaluate", "--adapter", str(run_dir / "adapter"),
+                            f"eval.dtype={dtype}", f"eval.batch_size={SETTINGS['batch']}", "--out", str(work / f"eval-{name}")],
+                           check=True, capture_output=True, text=True, env=_env(1))
+            metrics = json.loads((work / f"eval-{name}" / "metrics_text.json").read_text())
+            result["eval"][name] = {"examples_per_second": round(metrics["blocks"] / metrics["seconds"], 2),
+                                    "perplexity": round(metrics["perplexity"], 4), "rows": metrics["blocks"]}
+    elif evaluate:
         result["eval"] = {}
         methods = {"rank": ["--method", "rank", "eval.dtype=fp32"], "rank-bf16": ["--method", "rank", "eval.dtype=bf16"],
                    "generate": ["--method", "generate", "eval.dtype=fp32", f"eval.max_new_tokens={SETTINGS['new_tokens']}",
@@ -322,9 +426,10 @@ def _has_gpu() -> bool:
     return torch.cuda.is_available()
 
 
-def run_peer(loop: str, model: str, epochs: int, processes: int, stage: int, work: Path, evaluate: bool) -> dict:
+def run_peer(loop: str, model: str, epochs: int, processes: int, stage: int, work: Path, evaluate: bool,
+             task: str = "twitter") -> dict:
     out = work / "result.json"
-    entry = [str(Path(__file__).resolve()), "_run", loop, model, str(epochs), str(out), "eval" if evaluate else "-"]
+    entry = [str(Path(__file__).resolve()), "_run", loop, model, str(epochs), str(out), "eval" if evaluate else "-", task]
     if processes == 1:
         cmd = [sys.executable, *entry]
     else:
@@ -349,24 +454,26 @@ def run_peer(loop: str, model: str, epochs: int, processes: int, stage: int, wor
 # The whole comparison
 
 
-def cases(models: list[str]) -> list[dict]:
-    """(model, processes, ZeRO stage, loops): every loop on 1 process; the example's loop and ours on 2 under ZeRO-2
-    and ZeRO-3 (the example's under `accelerate launch` with the DeepSpeed plugin, as its README runs it). Ours in bf16
-    where the machine computes it natively."""
+def cases(models: list[str], tasks: list[str]) -> list[dict]:
+    """(task, model, processes, ZeRO stage, loops): every loop on 1 process; the example's loop and ours on 2 under
+    ZeRO-2 and ZeRO-3 (the example's under `accelerate launch` with the DeepSpeed plugin, as its README runs it). Ours
+    in bf16 where the machine computes it natively."""
     from peft_tuner.modeling import native_bf16
 
-    ours = [loop for loop in OURS if native_bf16() or not loop.endswith("-bf16")]
     out = []
-    for model in models:
-        out.append({"model": model, "processes": 1, "stage": 0, "loops": list(PEERS) + ours})
-        for stage in (2, 3):
-            out.append({"model": model, "processes": 2, "stage": stage,
-                        "loops": ["peft-example"] + ours})
+    for task in tasks:
+        ours = [loop for loop in TASKS[task]["ours"] if native_bf16() or not loop.endswith("-bf16")]
+        for model in models:
+            out.append({"task": task, "model": model, "processes": 1, "stage": 0, "loops": list(TASKS[task]["peers"]) + ours})
+            for stage in (2, 3):
+                out.append({"task": task, "model": model, "processes": 2, "stage": stage, "loops": ["peft-example"] + ours})
     return out
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tasks", nargs="+", default=["twitter", "wikitext"], choices=list(TASKS),
+                   help="twitter: RAFT twitter_complaints rows; wikitext: WikiText-2 blocks, the text case")
     p.add_argument("--models", nargs="+", default=["tiny", "smollm2"], choices=["tiny", "smollm2"])
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
@@ -375,8 +482,9 @@ def main(argv=None) -> int:
     p.add_argument("--stages", type=int, nargs="+", choices=[0, 2, 3], help="only the cases under these ZeRO stages")
     p.add_argument("--no-write", action="store_true", help="do not rewrite docs/benchmarks.md")
     args = p.parse_args(argv)
-    if not DATA.is_dir():
-        raise SystemExit(f"{DATA}: the RAFT twitter_complaints folder is not there")
+    for task, folder in (("twitter", DATA), ("wikitext", TEXT)):
+        if task in args.tasks and not folder.is_dir():
+            raise SystemExit(f"{folder}: the data of --tasks {task} is not there")
     import peft
     import torch
     import transformers
@@ -386,26 +494,27 @@ def main(argv=None) -> int:
                "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
     command = "python bench/speed_vs_peers.py " + " ".join(argv if argv is not None else sys.argv[1:])
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    for case in cases(args.models):
+    for case in cases(args.models, args.tasks):
         if (args.processes and case["processes"] != args.processes) or (args.stages and case["stage"] not in args.stages):
             continue
         loops = [loop for loop in case["loops"] if not args.loops or loop in args.loops]
         for repeat in range(args.repeats):  # rounds: every loop once a round, so a slow spell of the host hits them alike
             for loop in loops:
-                evaluate = case["processes"] == 1 and loop in EVALUATED
+                evaluate = case["processes"] == 1 and loop in TASKS[case["task"]]["evaluated"]
                 with tempfile.TemporaryDirectory() as work:
-                    runner = run_ours if loop in OURS else run_peer
+                    runner = run_ours if loop in TASKS[case["task"]]["ours"] else run_peer
                     try:
-                        result = runner(loop, case["model"], args.epochs, case["processes"], case["stage"], Path(work), evaluate)
+                        result = runner(loop, case["model"], args.epochs, case["processes"], case["stage"], Path(work),
+                                        evaluate, case["task"])
                     except subprocess.CalledProcessError as e:
                         result = {"error": (e.stderr or "")[-1500:]}
-                record = {"run": run_id, "command": command, "machine": machine, "model": case["model"],
+                record = {"run": run_id, "command": command, "machine": machine, "task": case["task"], "model": case["model"],
                           "processes": case["processes"], "zero_stage": case["stage"], "loop": loop, "repeat": repeat,
                           "epochs": args.epochs, **result}
                 with open(RESULTS, "a") as f:
                     f.write(json.dumps(record) + "\n")
                 said = "error" if "error" in result else f"{result['real_tokens'] / result['loop_seconds']:.0f} tok/s"
-                print(f"{case['model']} x{case['processes']} z{case['stage']} {loop} #{repeat}: {said}", flush=True)
+                print(f"{case['task']} {case['model']} x{case['processes']} z{case['stage']} {loop} #{repeat}: {said}", flush=True)
     if not args.no_write:
         write_report(run_id)
     return 0
@@ -425,15 +534,30 @@ def machine_kind(machine: dict) -> str:
 
 
 def write_report(run_id: str) -> None:
+    """One block per kind of machine and task: a run of one task keeps the other task's latest tables."""
     records = [json.loads(l) for l in RESULTS.read_text().splitlines() if l.strip()]
     records = [r for r in records if r["run"] == run_id]
-    first = records[0]
+    for task in TASKS:
+        mine = [r for r in records if r.get("task", "twitter") == task]
+        if mine:
+            write_task_report(task, mine)
+
+
+def short(loop: str) -> str:
+    """ours, ours-bf16: the loops of ours that the ratios compare with each peer."""
+    return loop.replace("peft-tuner-padding-free", "ours").replace("peft-tuner", "ours")
+
+
+def write_task_report(task: str, records: list[dict]) -> None:
+    first, text = records[0], task == "wikitext"
     kind = machine_kind(first["machine"])
-    plot = BENCHMARKS.parent / f"speed_vs_peers-{kind}.png"
-    lines = ["", f"Run {run_id}: `{first['command']}` on {first['machine']['cpu']} "
+    plot = BENCHMARKS.parent / (f"speed_vs_peers-{kind}-wikitext.png" if text else f"speed_vs_peers-{kind}.png")
+    data = (f"WikiText-2 blocks of {TEXT_SETTINGS['block']} tokens (the first {TEXT_SETTINGS['lines']} lines of "
+            "train.txt; perplexity on the first as many lines of valid.txt)") if text else "the 50 training rows"
+    lines = ["", f"Run {first['run']}: `{first['command']}` on {first['machine']['cpu']} "
              f"({first['machine']['cores']} cores{', ' + first['machine']['gpu'] if first['machine']['gpu'] else ''}), "
              f"torch {first['machine']['torch']}, transformers {first['machine']['transformers']}, "
-             f"peft {first['machine']['peft']}; {first['epochs']} epochs over the 50 training rows; medians of "
+             f"peft {first['machine']['peft']}; {first['epochs']} epochs over {data}; medians of "
              f"{max(r['repeat'] for r in records) + 1} rounds (evaluation included); a ratio is the median of the ratios "
              "within each round, its range in brackets. "
              "Raw results: `bench/results/speed_vs_peers.jsonl`.", ""]
@@ -447,8 +571,8 @@ def write_report(run_id: str) -> None:
         by_round = {loop: {r["repeat"]: r for r in runs} for loop, runs in ok.items()}
         speed = {loop: statistics.median(r["real_tokens"] / r["loop_seconds"] for r in runs) for loop, runs in ok.items() if runs}
         memory = {loop: statistics.median(r["peak_memory_gb"] for r in runs) for loop, runs in ok.items() if runs}
-        ours = [loop for loop in ("peft-tuner-padding-free", "peft-tuner-padding-free-bf16") if loop in speed]
-        header = "".join(f" {loop.replace('peft-tuner-padding-free', 'ours')} / this |" for loop in ours)
+        ours = [loop for loop in TASKS[task]["compared"] if loop in speed]
+        header = "".join(f" {short(loop)} / this |" for loop in ours)
         lines += [f"### {title}", "", f"| loop | real tokens/s | s/epoch | peak memory (GB) | final loss |{header}",
                   "|---|---|---|---|---|" + "---|" * len(ours)]
         for loop, runs in loops.items():
@@ -466,21 +590,27 @@ def write_report(run_id: str) -> None:
                 for name, e in r.get("eval", {}).items():
                     evals.setdefault((loop, name), []).append(e)
         rate = {key: statistics.median(e["examples_per_second"] for e in es) for key, es in evals.items()}
-        accuracy = {key: statistics.median(e["accuracy"] for e in es) for key, es in evals.items()}
-        reference = ("peft-example", "generate")
+        quality = "perplexity" if text else "accuracy"
+        accuracy = {key: statistics.median(e[quality] for e in es) for key, es in evals.items()}
+        reference = ("peft-example", "perplexity" if text else "generate")
         if evals:
-            lines += ["", "| evaluation on the 300 dev rows | examples/s | accuracy | / the example's generate |", "|---|---|---|---|"]
+            lines += ["", (f"| evaluation on the {next(iter(evals.values()))[0]['rows']} validation blocks | blocks/s | "
+                           "perplexity | / the example's |") if text else
+                      "| evaluation on the 300 dev rows | examples/s | accuracy | / the example's generate |", "|---|---|---|---|"]
             for key in evals:
                 ratio = paired_ratio(by_round[key[0]], by_round[reference[0]], examples_per_second(key[1]),
                                      examples_per_second(reference[1])) if reference in rate else "-"
                 lines.append(f"| {key[0]}, {key[1]} | {rate[key]:.2f} | {accuracy[key]:.4f} | {ratio} |")
-        if "peft-example" in speed and ours:
-            lines += [""] + targets(by_round, memory, rate, accuracy, ours, reference)
+        if "peft-example" in speed and ours:  # rank classification's target is the classification task's
+            lines += [""] + targets(by_round, memory, rate, accuracy, ours, None if text else reference)
         lines.append("")
     if _plot(records, plot):
         lines += [f"![loss against wall-clock time]({plot.name})", ""]
-    markers = (f"<!-- speed_vs_peers {kind}: begin (written by bench/speed_vs_peers.py) -->", f"<!-- speed_vs_peers {kind}: end -->")
-    write_between_markers("\n".join(lines), markers, title=f"Speed against the peers on {first['machine']['gpu'] or first['machine']['cpu']}")
+    name = f"speed_vs_peers wikitext {kind}" if text else f"speed_vs_peers {kind}"
+    markers = (f"<!-- {name}: begin (written by bench/speed_vs_peers.py) -->", f"<!-- {name}: end -->")
+    machine = first['machine']['gpu'] or first['machine']['cpu']
+    write_between_markers("\n".join(lines), markers, title=f"Text (WikiText-2 blocks): speed against the peers on {machine}"
+                          if text else f"Speed against the peers on {machine}")
     print(f"wrote {BENCHMARKS}")
 
 
@@ -511,7 +641,7 @@ def paired_ratio(ours: dict, peer: dict, value, peer_value=None) -> str:
 def targets(by_round: dict, memory: dict, rate: dict, accuracy: dict, ours: list[str], reference: tuple) -> list[str]:
     """The targets the comparison is held to, each against ours in fp32 and (where run) in bf16; speed ratios are the
     medians of the within-round ratios."""
-    lines = ["| target | " + " | ".join(o.replace("peft-tuner-padding-free", "ours") for o in ours) + " |",
+    lines = ["| target | " + " | ".join(short(o) for o in ours) + " |",
              "|---|" + "---|" * len(ours)]
 
     def row(name: str, cell) -> None:
@@ -533,7 +663,7 @@ def targets(by_round: dict, memory: dict, rate: dict, accuracy: dict, ours: list
                    for k in set().union(*(t.keys() for t in trainers))}
         speed_row("training real tokens/s >= 1.2x the Trainer's faster loop", fastest, 1.2)
     row("peak memory <= the example's loop", lambda o: (memory[o], " GB", memory[o] <= memory["peft-example"]))
-    if reference in rate:
+    if reference and reference in rate:
         def evaluation(o):  # the fastest rank classification of this loop's adapter that is as accurate
             keys = [key for key in rate if key[0] == o and key[1].startswith("rank")]
             if not keys:
@@ -571,7 +701,7 @@ def _plot(records: list[dict], path: Path) -> bool:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "_run":
-        loop, model, epochs, out, evaluate = sys.argv[2:7]
-        run_one(loop, model, int(epochs), Path(out), evaluate == "eval")
+        loop, model, epochs, out, evaluate, task = sys.argv[2:8]
+        run_one(loop, model, int(epochs), Path(out), evaluate == "eval", task)
     else:
         sys.exit(main())
