@@ -291,37 +291,22 @@ def run_hf_trainer(model_dir: Path, epochs: int, grouped: bool, task: str = "twi
             "final_loss": clock.curve[-1][1], "curve": clock.curve, "peak_memory_gb": peak_rss_gb()}
 
 
-def run_trl_sft(model_dir: Path, epochs: int) -> dict:
+def run_trl_sft(model_dir: Path, epochs: int, task: str = "twitter") -> dict:
+    """twitter: prompt / completion rows, padding-free, the loss on the completion; wikitext: the lines, packed."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    data = Dataset.from_list([{"prompt": PROMPT.format(t), "completion": label} for t, label in rows("train")])
+    if task == "wikitext":
+        data = Dataset.from_list([{"text": line} for line in text_lines("train") if line.strip()])
+        settings = {"packing": True, "packing_strategy": "wrapped", "max_length": TEXT_SETTINGS["block"]}
+    else:  # without packing, padding_free does not cut rows at max_length: every row here is shorter than 64 tokens
+        data = Dataset.from_list([{"prompt": PROMPT.format(t), "completion": label} for t, label in rows("train")])
+        settings = {"padding_free": True, "max_length": None, "completion_only_loss": True}
     clock = StepClock()
     with tempfile.TemporaryDirectory() as out:
-        # Without packing, padding_free does not cut rows at max_length: every row here is shorter than 64 tokens.
-        args = training_arguments(SFTConfig, out, epochs, padding_free=True, max_length=None,
-                                  completion_only_loss=True, bf16=False)
-        trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir), args=args, train_dataset=data,
-                             processing_class=tokenizer, peft_config=lora_config(), callbacks=[clock.callback])
-        tokens = sum(len(ids) for ids in trainer.train_dataset["input_ids"]) * epochs
-        trainer.train()
-    return {"loop_seconds": clock.seconds, "real_tokens": tokens, "final_loss": clock.curve[-1][1], "curve": clock.curve,
-            "peak_memory_gb": peak_rss_gb()}
-
-
-def run_trl_packing(model_dir: Path, epochs: int) -> dict:
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import SFTConfig, SFTTrainer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    data = Dataset.from_list([{"text": line} for line in text_lines("train") if line.strip()])
-    clock = StepClock()
-    with tempfile.TemporaryDirectory() as out:
-        args = training_arguments(SFTConfig, out, epochs, packing=True, packing_strategy="wrapped",
-                                  max_length=TEXT_SETTINGS["block"], bf16=False)
+        args = training_arguments(SFTConfig, out, epochs, bf16=False, **settings)
         trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir), args=args, train_dataset=data,
                              processing_class=tokenizer, peft_config=lora_config(), callbacks=[clock.callback])
         tokens = sum(len(ids) for ids in trainer.train_dataset["input_ids"]) * epochs
@@ -336,10 +321,8 @@ def run_one(loop: str, model: str, epochs: int, out: Path, evaluate: bool, task:
         result = run_peft_example(model_dir, epochs, evaluate, task)
     elif loop.startswith("hf-trainer"):
         result = run_hf_trainer(model_dir, epochs, grouped=loop.endswith("grouped"), task=task)
-    elif loop == "trl-sft-padding-free":
-        result = run_trl_sft(model_dir, epochs)
-    elif loop == "trl-sft-packing":
-        result = run_trl_packing(model_dir, epochs)
+    elif loop.startswith("trl-sft"):
+        result = run_trl_sft(model_dir, epochs, task)
     else:
         raise SystemExit(f"unknown loop {loop}")
     rank = result.get("rank", 0)
