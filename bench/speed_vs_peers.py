@@ -25,7 +25,7 @@ ours / peer is the median of the ratios taken within each round (the pair ran mi
   evaluated by rank classification in bf16.
 
 The text case (--tasks wikitext): the first 100 lines of WikiText-2's train.txt, each line's tokens and an EOS
-joined and cut into blocks of 128 (transformers' run_clm group_texts; ours does the same), with the same LoRA and
+joined and cut into blocks of 128 (transformers' run_clm group_texts, which is ours too), with the same LoRA and
 optimizer settings; evaluation is the perplexity of the first 100 lines of valid.txt, cut alike.
 - peft-example: the same plain loop over the blocks (labels = the block), perplexity from its own evaluation loop.
 - hf-trainer: the Trainer over the blocks (group_by_length is moot: every block is as long).
@@ -95,13 +95,11 @@ def text_lines(split: str) -> list[str]:
 
 
 def text_blocks(tokenizer, split: str) -> list[list[int]]:
-    """transformers' run_clm group_texts: every non-blank line's tokens and an EOS, joined, cut into full blocks."""
-    stream = []
-    for line in text_lines(split):
-        if line.strip():
-            stream += tokenizer(line, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-    n = TEXT_SETTINGS["block"]
-    return [stream[i:i + n] for i in range(0, len(stream) - n + 1, n)]
+    """transformers' run_clm group_texts: every non-blank line's tokens and an EOS, joined, cut into full blocks. The
+    rule is ours too (data.pack_text), so every loop trains on the same blocks."""
+    from peft_tuner.data.formats import pack_text
+
+    return [b["input_ids"] for b in pack_text(tokenizer, text_lines(split), TEXT_SETTINGS["block"])]
 
 
 def model_path(name: str) -> Path:
@@ -182,18 +180,19 @@ def run_peft_example(model_dir: Path, epochs: int, evaluate: bool, task: str = "
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token_id = tokenizer.eos_token_id
     n = SETTINGS["max_length"]
-    examples = []
-    for block in text_blocks(tokenizer, "train") if task == "wikitext" else []:
-        examples.append({"input_ids": torch.tensor(block), "attention_mask": torch.ones(len(block), dtype=torch.long),
-                         "labels": torch.tensor(block)})
-    for text, label in rows("train") if task == "twitter" else []:  # the example's preprocess_function, row by row
-        prompt = tokenizer(PROMPT.format(text)).input_ids
-        target = tokenizer(label).input_ids + [tokenizer.pad_token_id]
-        ids, labels = prompt + target, [-100] * len(prompt) + target
-        pad = n - len(ids)
-        examples.append({"input_ids": torch.tensor(([tokenizer.pad_token_id] * pad + ids)[:n]),
-                         "attention_mask": torch.tensor(([0] * pad + [1] * len(ids))[:n]),
-                         "labels": torch.tensor(([-100] * pad + labels)[:n])})
+    if task == "wikitext":  # the blocks as they are, every token a label
+        examples = [{"input_ids": torch.tensor(b), "attention_mask": torch.ones(len(b), dtype=torch.long),
+                     "labels": torch.tensor(b)} for b in text_blocks(tokenizer, "train")]
+    else:
+        examples = []
+        for text, label in rows("train"):  # the example's preprocess_function, row by row
+            prompt = tokenizer(PROMPT.format(text)).input_ids
+            target = tokenizer(label).input_ids + [tokenizer.pad_token_id]
+            ids, labels = prompt + target, [-100] * len(prompt) + target
+            pad = n - len(ids)
+            examples.append({"input_ids": torch.tensor(([tokenizer.pad_token_id] * pad + ids)[:n]),
+                             "attention_mask": torch.tensor(([0] * pad + [1] * len(ids))[:n]),
+                             "labels": torch.tensor(([-100] * pad + labels)[:n])})
     # The processes and this one's rank as the launcher set them. On a GPU accelerate counts them too; on a machine
     # with no accelerator `accelerate launch` starts them and DeepSpeed joins them (deepspeed.initialize reads the
     # launcher's environment), but accelerate's own state counts one process: so the batch per rank and the loader's
@@ -271,14 +270,16 @@ def run_hf_trainer(model_dir: Path, epochs: int, grouped: bool, task: str = "twi
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token_id = tokenizer.eos_token_id
-    features = [{"input_ids": b, "attention_mask": [1] * len(b), "labels": b}
-                for b in (text_blocks(tokenizer, "train") if task == "wikitext" else [])]
-    for text, label in rows("train") if task == "twitter" else []:
-        prompt = tokenizer(PROMPT.format(text)).input_ids
-        target = tokenizer(label).input_ids + [tokenizer.eos_token_id]
-        ids = (prompt + target)[-SETTINGS["max_length"]:]
-        labels = ([-100] * len(prompt) + target)[-SETTINGS["max_length"]:]
-        features.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
+    if task == "wikitext":
+        features = [{"input_ids": b, "attention_mask": [1] * len(b), "labels": b} for b in text_blocks(tokenizer, "train")]
+    else:
+        features = []
+        for text, label in rows("train"):
+            prompt = tokenizer(PROMPT.format(text)).input_ids
+            target = tokenizer(label).input_ids + [tokenizer.eos_token_id]
+            ids = (prompt + target)[-SETTINGS["max_length"]:]
+            labels = ([-100] * len(prompt) + target)[-SETTINGS["max_length"]:]
+            features.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), lora_config())
     clock = StepClock()
     with tempfile.TemporaryDirectory() as out:
