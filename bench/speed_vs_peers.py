@@ -57,8 +57,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from report_blocks import BENCHMARKS, cpu_name, write_between_markers  # noqa: E402  (bench/ is the script's folder)
-DATA = ROOT.parent / "shared" / "data" / "raft" / "twitter_complaints"
-TEXT = ROOT.parent / "shared" / "data" / "wikitext-2"
+from peft_tuner.data.sources import data_root  # noqa: E402
+DATA = data_root() / "raft" / "twitter_complaints"
+TEXT = data_root() / "wikitext-2"
 RESULTS = ROOT / "bench" / "results" / "speed_vs_peers.jsonl"
 
 SETTINGS = {"r": 8, "alpha": 32, "dropout": 0.1, "targets": ["q_proj", "v_proj"], "lr": 3e-3, "batch": 8, "max_length": 64,
@@ -442,7 +443,7 @@ def cases(models: list[str], tasks: list[str]) -> list[dict]:
     """(task, model, processes, ZeRO stage, loops): every loop on 1 process; the example's loop and ours on 2 under
     ZeRO-2 and ZeRO-3 (the example's under `accelerate launch` with the DeepSpeed plugin, as its README runs it). Ours
     in bf16 where the machine computes it natively."""
-    from peft_tuner.modeling import native_bf16
+    from peft_tuner.runtime import native_bf16
 
     out = []
     for task in tasks:

@@ -39,6 +39,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from report_blocks import cpu_name, write_between_markers  # noqa: E402  (bench/ is the script's folder)
+from peft_tuner.data.sources import data_root  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "step_mfu.jsonl"
 MARKERS = ("<!-- step_mfu: begin (written by bench/step_mfu.py) -->", "<!-- step_mfu: end -->")
@@ -229,7 +230,7 @@ def main(argv=None) -> int:
                         help="train.packed_attention: each row on its own (row by row on a CPU, flash varlen on a GPU) or "
                              "SDPA under a block-diagonal mask")
     parser.add_argument("--peak-tflops", type=float, help="the accelerator's dense peak in the step's dtype, if not in the table")
-    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data"), help="folder holding raft/ and wikitext-2/")
+    parser.add_argument("--data", default=str(data_root()), help="folder holding raft/ and wikitext-2/")
     args = parser.parse_args(argv)
     gpu = torch.cuda.is_available()
     if args.layers and "smollm2" in args.models:

@@ -34,6 +34,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from peft_tuner.data.sources import data_root  # noqa: E402
+
 RECIPE = ROOT / "configs" / "twitter_complaints_smollm2.yaml"
 FIELDS = ["Tweet text", "Label", "ID"]
 
@@ -334,7 +337,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("spec", nargs="?", help="JSON list of settings")
     parser.add_argument("--results", default=str(ROOT / "bench" / "results" / "sweep.jsonl"))
-    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "raft" / "twitter_complaints"))
+    parser.add_argument("--data", default=str(data_root() / "raft" / "twitter_complaints"))
     parser.add_argument("--work", default=str(ROOT / "outputs" / "sweep"))
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--deadline", type=float, help="start no job after this many seconds")

@@ -34,8 +34,11 @@ def build_chat_set(data_root: str | Path, out_dir: str | Path, seed: int = 0, ov
               root / "chnsenticorp/ChnSentiCorp_htl_all.csv", root / "wikitext-2/train.txt", root / "wikitext-2/valid.txt"]
     missing = [str(p) for p in needed if not p.is_file()]
     if missing:
+        from peft_tuner.data.sources import PUBLIC_SOURCES
+
         raise DataError(f"make-chat-data: {', '.join(missing)} not found; pass --data the folder that holds raft/, "
-                        f"chnsenticorp/ and wikitext-2/")
+                        f"chnsenticorp/ and wikitext-2/ (or set PEFT_TUNER_DATA to it). They are: "
+                        + "; ".join(PUBLIC_SOURCES.values()))
     rng = random.Random(seed)
     reviews = [r for r in _csv(root / "chnsenticorp/ChnSentiCorp_htl_all.csv") if (r.get("review") or "").strip()]
     review_draw = rng.sample(reviews, SIZES["train"]["chnsenticorp"] + SIZES["eval"]["chnsenticorp"])

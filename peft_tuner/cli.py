@@ -28,11 +28,10 @@ def main(argv: list[str] | None = None) -> int:
     if flags:
         parser.error(f"unknown option(s) {' '.join(flags)}; config values are given as section.key=value")
     args.overrides = list(getattr(args, "overrides", []) or []) + extra
-    from peft_tuner.distributed import keep_few_cpu_kernels, use_cpu_accelerator_if_no_gpu
+    from peft_tuner.distributed import use_cpu_accelerator_if_no_gpu
     from peft_tuner.errors import PeftTunerError
 
     use_cpu_accelerator_if_no_gpu()  # before anything imports deepspeed: no GPU means its CPU accelerator, said plainly
-    keep_few_cpu_kernels()  # before the first matrix product; the runs this command starts inherit it
     try:
         return int(args.run(args) or 0)
     except PeftTunerError as e:  # user mistakes get one clean message; anything else keeps its traceback
@@ -143,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("config", help="list every config key with its type, default and help (of one section)")
     p.add_argument("section", nargs="?", help="model, data, peft, train, eval, generate, distill (default: all)")
+    p.add_argument("--markdown", action="store_true", help="all keys as the Markdown page docs/configuration.md")
     p.set_defaults(run=_config)
 
     p = sub.add_parser("prepare-model", help="download and convert the embedded default model (SmolLM2-135M-Instruct)")
@@ -160,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("make-chat-data", help="build the small instruction set of the chat recipe from the data at "
                        "hand (twitter_complaints and ChnSentiCorp questions, WikiText-2 continuations)")
     p.add_argument("out_dir", help="folder for train.jsonl and eval.jsonl, e.g. outputs/chat_data")
-    p.add_argument("--data", default="../shared/data", help="the folder holding raft/, chnsenticorp/ and wikitext-2/")
+    p.add_argument("--data", help="the folder holding raft/, chnsenticorp/ and wikitext-2/ (default: the data root, "
+                   "$PEFT_TUNER_DATA or ../shared/data beside the checkout)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace files there that differ")
     p.set_defaults(run=_make_chat_data)
@@ -338,9 +339,9 @@ def _convert_loralib(args) -> int:
 
 
 def _config(args) -> int:
-    from peft_tuner.config import describe
+    from peft_tuner.config import describe, describe_markdown
 
-    print(describe(args.section))
+    print(describe_markdown() if args.markdown else describe(args.section), end="\n" if not args.markdown else "")
     return 0
 
 
@@ -361,7 +362,9 @@ def _convert_gguf(args) -> int:
 def _make_chat_data(args) -> int:
     from peft_tuner.chat_data import build_chat_set
 
-    counts = build_chat_set(args.data, args.out_dir, seed=args.seed, overwrite=args.overwrite)
+    from peft_tuner.data.sources import data_root
+
+    counts = build_chat_set(args.data or data_root(), args.out_dir, seed=args.seed, overwrite=args.overwrite)
     for split, by_source in counts.items():
         print(f"{Path(args.out_dir) / (split + '.jsonl')}: {sum(by_source.values())} conversations "
               f"({', '.join(f'{n} {source}' for source, n in by_source.items())})")

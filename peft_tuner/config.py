@@ -7,22 +7,18 @@ evaluate.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 import sys
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Optional, Union
 
 import yaml
 
-from peft_tuner.errors import PeftTunerError
+from peft_tuner import config_parse
+from peft_tuner.config_parse import ConfigError
 
-
-class ConfigError(PeftTunerError):
-    """A recipe or override the user wrote is wrong; the message says what to change."""
+__all__ = ["Config", "ConfigError", "load_config", "save_config", "describe"]
 
 
 def _help(default, text: str, **kw):
@@ -45,7 +41,7 @@ class ModelConfig:
 class DataConfig:
     task: str = _help("classification", "classification (prompt + label text), text (plain text, packed blocks), "
                                         "completion (a prompt and a free-text target) or chat (a list of messages).")
-    train_file: str = _help("", "Training data: csv/json/jsonl/parquet file, RAFT folder, or hub spec NAME[:CONFIG][@SPLIT].")
+    train_file: str = _help("", "Training data: a csv/tsv/json/jsonl/parquet/txt file, a RAFT folder, or a hub dataset NAME[:CONFIG][@SPLIT]. A path starting with ${PEFT_TUNER_DATA} is read from the data root (PEFT_TUNER_DATA, else ../shared/data beside the checkout); any other path as written.")
     eval_file: Optional[str] = _help(None, "Labelled evaluation data, same forms as train_file (a RAFT folder gives dev.csv).")
     test_file: Optional[str] = _help(None, "Unlabelled test data (a RAFT folder gives test_unlabeled.csv).")
     text_column: Optional[str] = _help(None, "Column holding the input text; default: the RAFT task.json's first data column.")
@@ -63,7 +59,7 @@ class DataConfig:
     max_length: int = _help(256, "Longest sequence in tokens; longer prompts lose their start, never the label.")
     empty_text: str = _help("drop", "What to do with empty or all-whitespace texts: drop (and count) or error.")
     max_rows: Optional[int] = _help(None, "Use only N rows of each split (quick runs): of a labelled split, N drawn at random (data.seed), so a file sorted by label still gives every class; of data.test_file and of plain text, the first N.")
-    eval_fraction: float = _help(0.0, "With no data.eval_file: hold out this share of data.train_file's rows, stratified by class and drawn with data.seed, as the eval split (train and evaluate split alike); training uses the rest.")
+    eval_fraction: float = _help(0.0, "With no data.eval_file: hold out this share of data.train_file's rows (classification: stratified by class; text: lines; completion, chat: rows), drawn with data.seed, as the eval split (train and evaluate split alike); training uses the rest.")
     seed: int = _help(0, "Seed of the data.max_rows draw and of the data.eval_fraction split.")
     cache: bool = _help(True, "Keep tokenized examples in ~/.cache/peft_tuner/tokenized (PEFT_TUNER_CACHE), keyed by tokenizer, rows and these settings: a second run reads them instead of tokenizing.")
 
@@ -105,10 +101,8 @@ class TrainConfig:
                                           "attends to itself alone: one row at a time on a CPU, flash-attention's varlen "
                                           "kernel on a GPU in bf16 / fp16) or mask (SDPA over the whole sequence under a "
                                           "block-diagonal mask).")
-    compile: bool = _help(False, "torch.compile the model before the first step (ZeRO-0 to ZeRO-2). Measured outside the "
-                                 "trainer on one H200: a 1.1B Llama's step with LoRA on every linear layer ran 1.67x "
-                                 "faster compiled, after 130 s of building, compiling and warming up (bench/gpu_step_anatomy.py); on a "
-                                 "2-core CPU it did not pay (bench/step_options.py).")
+    compile: bool = _help(False, "torch.compile the model before the first step (ZeRO-0 to ZeRO-2; refused under ZeRO-3). "
+                                 "It costs minutes of compiling at the start; see docs/benchmarks.md for where it paid.")
     lr_scheduler: str = _help("linear", "linear, cosine or constant, after warmup.")
     warmup_ratio: float = _help(0.0, "Share of the optimizer steps spent warming up linearly from 0.")
     max_grad_norm: float = _help(1.0, "Gradient clipping norm (0 turns clipping off).")
@@ -125,6 +119,12 @@ class TrainConfig:
     early_stopping_patience: int = _help(0, "Stop after N evaluations in a row without a better eval.metric_for_best; the best adapter is kept in output_dir/best_adapter (0: off).")
     report_to: list[str] = _help([], "Experiment trackers besides train_log.jsonl: tensorboard (event files in output_dir/tensorboard), mlflow (output_dir/mlruns, or MLFLOW_TRACKING_URI), wandb (offline, output_dir/wandb).")
     verify_adapter: bool = _help(True, "After saving, reload the adapter on rank 0 and check it reproduces the trained logits.")
+    cpu_tuning: Union[str, bool, list[str]] = _help("auto", "On a machine without a GPU: auto (every CPU-only setting that fits the "
+                                                      "run), off (none: torch's and glibc's defaults), or a list of onednn_cache, "
+                                                      "malloc, threads, dropout, short_rows_fp32, eager_scoring (docs/cpu.md). "
+                                                      "The start record lists what was set.")
+    deepspeed_patches: bool = _help(True, "Use the faster replacements of DeepSpeed internals (ZeRO-3's release decisions) "
+                                          "where DeepSpeed's version is one they were tested on; false: DeepSpeed's own code.")
 
 
 @dataclass
@@ -217,6 +217,8 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
     """Read a recipe (or start from `base`, a saved config), apply `section.key=value` overrides, check types and
     values; raise one ConfigError for all problems, or, given a `problems` list, add them to it and return the config
     built from the rest (so that a preflight can report them with the problems it finds further on)."""
+    from peft_tuner.config_checks import ignored_keys, validate
+
     collect = problems
     raw: dict = dict(base or {})
     if path is not None:
@@ -231,19 +233,18 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
             raise ConfigError(f"recipe {path}: expected a mapping of sections at the top level")
     problems = []
     for item in overrides or []:
-        if "=" not in item:
-            problems.append(f"override '{item}': write it as section.key=value, e.g. train.epochs=1")
-            continue
-        key, value = item.split("=", 1)
-        _set_dotted(raw, key.strip(), yaml.safe_load(value) if value.strip() else None)
-    cfg = _build(Config, raw, "", problems)
+        try:
+            config_parse.set_dotted(raw, *config_parse.parse_override(item))
+        except ConfigError as e:
+            problems.append(str(e))
+    cfg = config_parse.build(Config, raw, "", problems)
     problems += validate(cfg)
     if problems and collect is not None:
         collect += problems
     elif problems:
         where = f" in {path}" if path else ""
         raise ConfigError(f"{len(problems)} problem(s) with the config{where}:\n  - " + "\n  - ".join(problems))
-    written = set(_flat_keys(yaml.safe_load(Path(path).read_text()) or {})) if path else set()
+    written = set(config_parse.flat_keys(Config, yaml.safe_load(Path(path).read_text()) or {})) if path else set()
     written |= {item.split("=", 1)[0].strip() for item in overrides or [] if "=" in item}
     if os.environ.get("RANK", os.environ.get("PMI_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0"))) == "0":
         for warning in ignored_keys(cfg, written):
@@ -251,284 +252,24 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
     return cfg
 
 
-def ignored_keys(cfg: Config, written: set[str]) -> list[str]:
-    """The keys the user wrote that the chosen method, task or evaluation never reads, each with the reason."""
-    method, prompt = cfg.peft.method, cfg.peft.method in PROMPT_LEARNING_METHODS
-    unused = {}
-    for key in ("r", "alpha", "dropout", "use_rslora", "use_dora", "target_modules"):
-        if method == "full" or prompt or (method == "ia3" and key != "target_modules"):
-            unused[f"peft.{key}"] = f"peft.method={method}"
-    for key in ("num_virtual_tokens", "prompt_init_text"):
-        if not prompt or (key == "prompt_init_text" and method != "prompt_tuning"):
-            unused[f"peft.{key}"] = f"peft.method={method}"
-    if cfg.eval.method == "rank" and cfg.data.task == "classification":
-        unused.update({"eval.num_beams": "eval.method=rank", "eval.max_new_tokens": "eval.method=rank"})
-    if cfg.data.task != "chat":
-        for key in ("messages_column", "loss_on"):
-            unused[f"data.{key}"] = f"data.task={cfg.data.task}"
-    if cfg.data.task != "completion":
-        unused["data.completion_column"] = f"data.task={cfg.data.task}"
-    if cfg.data.task in ("classification", "completion") and not cfg.data.chat_format:
-        for key in ("chat_template", "system_prompt"):
-            unused[f"data.{key}"] = f"data.task={cfg.data.task} without data.chat_format"
-    if cfg.data.task in ("completion", "chat"):
-        for key in ("label_words", "class_names", "label_column", "empty_text", "text_column"):
-            unused[f"data.{key}"] = f"data.task={cfg.data.task}"
-        for key in ("calibrate", "match_prior", "prior_rows", "method"):
-            unused[f"eval.{key}"] = f"data.task={cfg.data.task} (evaluated by loss, perplexity and generation)"
-    if cfg.data.task == "chat":
-        unused["data.prompt_template"] = "data.task=chat (the chat template renders the messages)"
-    if cfg.data.task == "text":
-        for key in ("prompt_template", "label_words", "class_names", "label_column", "id_column", "empty_text", "chat_format"):
-            unused[f"data.{key}"] = "data.task=text"
-        for key in ("calibrate", "match_prior", "prior_rows", "method"):
-            unused[f"eval.{key}"] = "data.task=text (evaluated by loss and perplexity)"
-    return [f"{key}: ignored with {reason}" for key, reason in unused.items() if key in written]
-
-
-def _flat_keys(raw: dict, prefix: str = "") -> list[str]:
-    keys = []
-    for key, value in raw.items():
-        if isinstance(value, dict) and prefix == "" and key in {f.name for f in dataclasses.fields(Config)}:
-            keys += _flat_keys(value, f"{key}.")
-        else:
-            keys.append(prefix + str(key))
-    return keys
-
-
 def save_config(cfg: Config, path: Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True))
 
 
-def _set_dotted(raw: dict, key: str, value: Any) -> None:
-    node = raw
-    parts = key.split(".")
-    for part in parts[:-1]:
-        if not isinstance(node.get(part), dict):
-            node[part] = {}
-        node = node[part]
-    node[parts[-1]] = value
-
-
-def all_keys(cls=Config, prefix: str = "") -> list[str]:
-    keys = []
-    for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
-            keys += all_keys(f.default_factory, f"{prefix}{f.name}.")
-        else:
-            keys.append(prefix + f.name)
-    return keys
-
-
 def describe(section: Optional[str] = None) -> str:
-    """Every key (of one section), with its type, default and help, read from the dataclasses themselves."""
-    sections = {f.name: f for f in dataclasses.fields(Config)}
-    if section is not None and section not in sections:
-        close = difflib.get_close_matches(section, list(sections), n=1)
-        raise ConfigError(f"config {section}: no such section{f'; did you mean {close[0]}?' if close else ''} "
-                          f"(sections: {', '.join(sections)})")
-    lines = []
-    for name, f in sections.items():
-        if section is not None and name != section:
-            continue
-        nested = f.default_factory if f.default_factory is not dataclasses.MISSING else None
-        fields = [(f"{name}.{g.name}", g, nested) for g in dataclasses.fields(nested)] if dataclasses.is_dataclass(nested) \
-            else [(name, f, Config)]
-        for key, g, owner in fields:
-            default = g.default_factory() if g.default_factory is not dataclasses.MISSING else g.default
-            shown = yaml.safe_dump(default, default_flow_style=True, allow_unicode=True).strip().removesuffix("...").strip()
-            lines.append(f"{key}: {_type_name(typing.get_type_hints(owner)[g.name])} = {shown}")
-            lines.append(f"    {g.metadata.get('help', '')}")
-    return "\n".join(lines)
+    """Every config key (of one section), with its type, default and help."""
+    return config_parse.describe(Config, section)
 
 
-# Names other tools use for our keys.
-ALIASES = {"lr": "learning_rate", "num_epochs": "epochs", "num_train_epochs": "epochs", "bs": "batch_size",
-           "per_device_train_batch_size": "batch_size", "gradient_accumulation_steps": "gradient_accumulation",
-           "grad_accum": "gradient_accumulation", "lora_r": "r", "rank": "r", "lora_alpha": "alpha",
-           "lora_dropout": "dropout", "model_name_or_path": "name_or_path", "torch_dtype": "dtype",
-           "max_seq_length": "max_length", "warmup": "warmup_ratio", "save_steps": "checkpoint_steps"}
+REFERENCE_INTRO = """# Configuration reference
+
+Every key of a recipe, with its type, default and what it does. A recipe YAML sets them by section (`train:` then
+`epochs: 3`); on the command line `section.key=value` overrides them (`train.epochs=1`), the value read as YAML (quote
+text with colons or braces: `"data.prompt_template='Tweet : {text} Label :'"`). `peft-tuner config [SECTION]` prints
+the same in the terminal. This page is written by `peft-tuner config --markdown > docs/configuration.md`; a test fails
+when it is stale."""
 
 
-def suggest_key(dotted: str) -> Optional[str]:
-    """The known key a typo most likely meant: an alias, an abbreviation (lr -> learning_rate), or a close spelling."""
-    keys = all_keys()
-    section, _, name = dotted.rpartition(".")
-    same_section = [k for k in keys if k.rpartition(".")[0] == section]
-    if name in ALIASES and f"{section}.{ALIASES[name]}".lstrip(".") in keys:
-        return f"{section}.{ALIASES[name]}".lstrip(".")
-
-    def initials(key: str) -> str:
-        return "".join(part[0] for part in key.rpartition(".")[2].split("_"))
-
-    abbreviations = [k for k in same_section if len(name) >= 2 and initials(k) == name]
-    if len(abbreviations) == 1:
-        return abbreviations[0]
-    close = difflib.get_close_matches(dotted, same_section or keys, n=1, cutoff=0.6) or \
-        difflib.get_close_matches(dotted, keys, n=1, cutoff=0.6)
-    return close[0] if close else None
-
-
-def _build(cls, raw: Any, prefix: str, problems: list[str]):
-    if not isinstance(raw, dict):
-        problems.append(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
-        return cls()
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in raw.items():
-        dotted = prefix + str(key)
-        if key not in fields:
-            close = suggest_key(dotted)
-            hint = f": did you mean {close}?" if close else f"; known keys here: {', '.join(fields)}"
-            problems.append(f"{dotted}: unknown key{hint}")
-            continue
-        f = fields[key]
-        if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory):
-            kwargs[key] = _build(f.default_factory, value or {}, dotted + ".", problems)
-        else:
-            ok, converted = _coerce(value, hints[key])
-            if ok:
-                kwargs[key] = converted
-            else:
-                problems.append(f"{dotted}: expected {_type_name(hints[key])}, got {value!r}")
-    return cls(**kwargs)
-
-
-def _coerce(value: Any, hint) -> tuple[bool, Any]:
-    origin = typing.get_origin(hint)
-    if origin in (Union, types.UnionType):
-        for arg in typing.get_args(hint):
-            ok, v = _coerce(value, arg)
-            if ok:
-                return True, v
-        return False, None
-    if hint is type(None):
-        return value is None, None
-    if origin is list:
-        if isinstance(value, str):
-            value = [value] if "," not in value else [v.strip() for v in value.split(",")]
-        if not isinstance(value, list):
-            return False, None
-        (arg,) = typing.get_args(hint)
-        out = [_coerce(v, arg) for v in value]
-        return all(ok for ok, _ in out), [v for _, v in out]
-    if origin is dict:
-        return isinstance(value, dict), {str(k): str(v) for k, v in (value or {}).items()} if isinstance(value, dict) else None
-    if hint is bool:
-        return isinstance(value, bool), value
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool), value
-    if hint is float:
-        if isinstance(value, str):
-            try:
-                return True, float(value)
-            except ValueError:
-                return False, None
-        return isinstance(value, (int, float)) and not isinstance(value, bool), float(value) if isinstance(value, (int, float)) else None
-    if hint is str:
-        return isinstance(value, (str, int, float)) and not isinstance(value, bool), str(value)
-    return True, value
-
-
-def _type_name(hint) -> str:
-    origin = typing.get_origin(hint)
-    if origin in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(hint))
-    if hint is type(None):
-        return "null"
-    if origin is list:
-        return f"a list of {_type_name(typing.get_args(hint)[0])}"
-    if origin is dict:
-        return "a mapping"
-    return getattr(hint, "__name__", str(hint))
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Validation: every impossible value or combination, each naming its key
-
-
-def validate(cfg: Config) -> list[str]:
-    problems = []
-
-    def check(ok: bool, message: str):
-        if not ok:
-            problems.append(message)
-
-    check(cfg.model.dtype in ("fp32", "bf16", "fp16"), f"model.dtype: '{cfg.model.dtype}' is not one of fp32, bf16, fp16")
-    check(cfg.data.task in TASKS, f"data.task: '{cfg.data.task}' is not one of {', '.join(TASKS)}")
-    check(cfg.data.loss_on in ("assistant", "last_assistant", "all"),
-          f"data.loss_on: '{cfg.data.loss_on}' is not one of assistant, last_assistant, all")
-    check(not (cfg.data.chat_format and cfg.data.task == "text"), "data.chat_format: plain text has no turns; set data.task=chat for conversations")
-    check(cfg.data.empty_text in ("drop", "error"), f"data.empty_text: '{cfg.data.empty_text}' is not one of drop, error")
-    check(cfg.data.max_length >= 8, f"data.max_length: {cfg.data.max_length} is too short; use at least 8 tokens")
-    check(cfg.data.max_rows is None or cfg.data.max_rows > 0, "data.max_rows: must be positive")
-    check(0 <= cfg.data.eval_fraction < 1, "data.eval_fraction: must be in [0, 1)")
-    check(not (cfg.data.eval_fraction and cfg.data.eval_file), "data.eval_fraction: data.eval_file is set too; keep one of them")
-    check(not (cfg.data.eval_fraction and cfg.data.task == "text"), "data.eval_fraction: classification tasks only; give a text task its data.eval_file")
-    if cfg.peft.method not in PEFT_METHODS:
-        close = difflib.get_close_matches(cfg.peft.method, PEFT_METHODS, n=1)
-        hint = f"; did you mean {close[0]}?" if close else ""
-        problems.append(f"peft.method: '{cfg.peft.method}' is not one of {', '.join(PEFT_METHODS)}{hint}")
-    check(cfg.peft.r > 0, "peft.r: must be positive")
-    check(0 <= cfg.peft.dropout < 1, "peft.dropout: must be in [0, 1)")
-    check(cfg.peft.num_virtual_tokens > 0, "peft.num_virtual_tokens: must be positive")
-    check(not (cfg.peft.use_dora and cfg.peft.method != "lora"), "peft.use_dora: only applies to peft.method=lora")
-    check(not (cfg.peft.use_rslora and cfg.peft.method != "lora"), "peft.use_rslora: only applies to peft.method=lora "
-          "(AdaLoRA's own scaling has no rank-stabilised form here)")
-    check(cfg.train.epochs > 0, "train.epochs: must be positive")
-    check(cfg.train.learning_rate > 0, "train.learning_rate: must be positive")
-    check(cfg.train.batch_size > 0, "train.batch_size: must be positive")
-    check(cfg.train.gradient_accumulation > 0, "train.gradient_accumulation: must be positive")
-    check(not (cfg.train.padding_free and cfg.peft.method in PROMPT_LEARNING_METHODS),
-          f"train.padding_free: peft.method={cfg.peft.method} puts virtual tokens before each row, which one sequence "
-          f"of several rows cannot have; set train.padding_free=false")
-    check(cfg.train.packed_attention in ("rows", "mask"),
-          f"train.packed_attention: '{cfg.train.packed_attention}' is not one of rows, mask")
-    check(cfg.train.lr_scheduler in ("linear", "cosine", "constant"), f"train.lr_scheduler: '{cfg.train.lr_scheduler}' is not one of linear, cosine, constant")
-    check(0 <= cfg.train.warmup_ratio < 1, "train.warmup_ratio: must be in [0, 1)")
-    check(cfg.train.max_grad_norm >= 0, "train.max_grad_norm: must be >= 0")
-    check(cfg.train.neftune_alpha >= 0, "train.neftune_alpha: must be >= 0 (0 turns NEFTune off)")
-    check(cfg.train.checkpoint_steps >= 0, "train.checkpoint_steps: must be >= 0")
-    check(cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints: must be >= 1")
-    check(cfg.train.log_steps >= 1, "train.log_steps: must be >= 1")
-    check(cfg.train.eval_steps >= 0, "train.eval_steps: must be >= 0 (0: off)")
-    check(cfg.train.early_stopping_patience >= 0, "train.early_stopping_patience: must be >= 0 (0: off)")
-    check(cfg.train.eval_epochs >= 0, "train.eval_epochs: must be >= 0 (0: off)")
-    check(not (cfg.train.early_stopping_patience and not evaluates_during_training(cfg)),
-          "train.early_stopping_patience: needs evaluations to compare; set train.eval_steps=N, train.eval_epochs=N or "
-          "train.eval_each_epoch=true")
-    for tracker in cfg.train.report_to:
-        check(tracker in TRACKERS, f"train.report_to: '{tracker}' is not one of {', '.join(TRACKERS)}")
-    if cfg.eval.metric_for_best is not None:
-        allowed = ("accuracy",) if cfg.data.task == "classification" else ("eval_loss", "perplexity")
-        check(cfg.eval.metric_for_best in allowed, f"eval.metric_for_best: '{cfg.eval.metric_for_best}' is not measured "
-              f"during training of data.task={cfg.data.task}; use {' or '.join(allowed)}")
-    check(cfg.eval.max_new_tokens is None or cfg.eval.max_new_tokens > 0, "eval.max_new_tokens: must be positive")
-    check(cfg.train.autocast in (None, "bf16", "fp16", "auto"),
-          f"train.autocast: '{cfg.train.autocast}' is not one of bf16, fp16, auto")
-    check(cfg.train.autocast is None or cfg.model.dtype == "fp32",
-          f"train.autocast: the weights are already {cfg.model.dtype} (model.dtype); autocast is for fp32 weights: "
-          f"set model.dtype=fp32 or leave train.autocast out")
-    check(cfg.eval.dtype in (None, "fp32", "bf16", "fp16", "auto"),
-          f"eval.dtype: '{cfg.eval.dtype}' is not one of fp32, bf16, fp16, auto")
-    check(cfg.eval.method in ("rank", "generate"), f"eval.method: '{cfg.eval.method}' is not one of rank, generate")
-    check(cfg.eval.batch_size > 0, "eval.batch_size: must be positive")
-    check(cfg.eval.prior_rows > 0, "eval.prior_rows: must be positive")
-    if cfg.eval.match_prior:
-        check(cfg.eval.method == "rank", "eval.match_prior: works on rank classification's class scores; set eval.method=rank")
-        check(bool(cfg.data.train_file), "eval.match_prior: needs data.train_file (the training labels' class shares)")
-        check(bool(cfg.data.test_file), "eval.match_prior: needs data.test_file (unlabelled rows to measure the lean on)")
-    check(cfg.generate.num_return_sequences <= max(cfg.generate.num_beams, 1) or cfg.generate.do_sample,
-          "generate.num_return_sequences: greedy decoding returns one sequence; raise generate.num_beams or set generate.do_sample=true")
-    check(cfg.generate.temperature > 0, "generate.temperature: must be positive")
-    check(0 < cfg.generate.top_p <= 1, "generate.top_p: must be in (0, 1]")
-    check(cfg.distill.teachers >= 1, "distill.teachers: must be at least 1")
-    check(cfg.distill.rows is None or cfg.distill.rows >= 1, "distill.rows: must be at least 1 (null: every row)")
-    check(cfg.distill.student_epochs >= 1, "distill.student_epochs: must be at least 1")
-    check(cfg.distill.parallel >= 1, "distill.parallel: must be at least 1")
-    check(cfg.distill.dtype in (None, "fp32", "bf16", "fp16", "auto"),
-          f"distill.dtype: '{cfg.distill.dtype}' is not one of fp32, bf16, fp16, auto")
-    if cfg.data.prompt_template is not None:
-        check("{" in cfg.data.prompt_template, "data.prompt_template: name at least one column in braces, e.g. '{Tweet text}'")
-    return problems
+def describe_markdown() -> str:
+    """docs/configuration.md: every key, one table per section."""
+    return config_parse.describe_markdown(Config, REFERENCE_INTRO)

@@ -25,6 +25,7 @@ def run_demo(recipe: str | Path = DEFAULT_RECIPE, out_dir: str | Path = "outputs
     if out.exists() and any(out.iterdir()) and not (out / MARKER).is_file():
         raise ConfigError(f"--out {out}: holds files the demo did not write; choose another folder")
     overrides = list(overrides or [])
+    check_data_first(load_config(str(recipe), overrides))
 
     log("[1/7] model")
     if tiny:
@@ -49,7 +50,8 @@ def run_demo(recipe: str | Path = DEFAULT_RECIPE, out_dir: str | Path = "outputs
     log(f"[3/7] LoRA training under DeepSpeed ZeRO-2 on {processes} processes")
     # Five points of dev accuracy over training: each is a pass over the dev rows, as long as a dozen training steps.
     eval_epochs = max(1, math.ceil(cfg.train.epochs / 5))
-    train_summary = train_in_subprocess(recipe, overrides + [f"train.eval_epochs={eval_epochs}"], processes, out / "train")
+    train_summary = train_in_subprocess(recipe, overrides + [f"train.eval_epochs={eval_epochs}"], processes, out / "train",
+                                        cpu_tuning=cfg.train.cpu_tuning)
     adapter = Path(train_summary["adapter_dir"])
 
     log("[4/7] tuned adapter on the labelled dev split")
@@ -83,6 +85,15 @@ def run_demo(recipe: str | Path = DEFAULT_RECIPE, out_dir: str | Path = "outputs
     (out / "demo_report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
     log(text)
     return report
+
+
+def check_data_first(cfg) -> None:
+    """The recipe's data files are there (the data root holds them), before minutes go into preparing the model."""
+    from peft_tuner.data.sources import resolve_data_path
+
+    for spec in (cfg.data.train_file, cfg.data.eval_file, cfg.data.test_file):
+        if spec:
+            resolve_data_path(spec)
 
 
 def sample_answer(cfg, merged_dir: Path) -> dict:

@@ -146,7 +146,7 @@ def distill(recipe: str | Path, out_dir: str | Path, overrides: Optional[list[st
     from peft_tuner.config import load_config
     from peft_tuner.runner import Run, train_in_subprocesses
     from peft_tuner.evaluate import evaluate, load_task
-    from peft_tuner.modeling import resolve_dtype
+    from peft_tuner.runtime import resolve_dtype
 
     started = time.time()
     out = Path(out_dir).resolve()
@@ -201,7 +201,7 @@ def distill(recipe: str | Path, out_dir: str | Path, overrides: Optional[list[st
     runs = [run for seed, run_dir in enumerate(teacher_dirs, 1)
             for run in to_train(f"teacher {seed}/{teachers}, train.seed={seed}" + (f", {dtype}" if in_dtype else ""), run_dir,
                                 [f"train.seed={seed}"] + in_dtype, again=False)]
-    train_in_subprocesses(recipe, runs, processes, at_once=cfg.distill.parallel)
+    train_in_subprocesses(recipe, runs, processes, at_once=cfg.distill.parallel, cpu_tuning=cfg.train.cpu_tuning)
     retrained = bool(runs)  # the teachers are independent; the labels depend on all of them, the student on the labels
     report["teachers"] = [_trained(run_dir) for run_dir in teacher_dirs]
     adapters = [t["adapter"] for t in report["teachers"]]
@@ -219,7 +219,7 @@ def distill(recipe: str | Path, out_dir: str | Path, overrides: Optional[list[st
     student_dir = out / "student"
     student = student_overrides(load_task(cfg, adapters[0]), distilled, cfg.data.max_rows) + [f"train.epochs={student_epochs}"] + in_dtype
     train_in_subprocesses(recipe, to_train(f"student, {student_epochs} epochs on {distilled.name}", student_dir, student,
-                                           again=relabelled), processes)
+                                           again=relabelled), processes, cpu_tuning=cfg.train.cpu_tuning)
     report["student"] = _trained(student_dir)
 
     if cfg.data.eval_file:

@@ -1,12 +1,11 @@
 """The process group, whatever launched us: which launcher it was, bringing the group up and down, rank helpers, and
 ZeRO-3 gathering. With trainer, checkpoint and evaluate's job, the only code that touches torch.distributed; the
-DeepSpeed JSON config is resolved in ds_config, and what DeepSpeed leaves behind on a CPU machine is cleared in
-cpu_cleanup.
+DeepSpeed JSON config is resolved in ds_config, what DeepSpeed leaves behind on a CPU machine is cleared in
+cpu_cleanup, and what we change in DeepSpeed is in deepspeed_patches.
 """
 from __future__ import annotations
 
 import contextlib
-import importlib
 import os
 import resource
 import socket
@@ -15,9 +14,11 @@ from pathlib import Path
 
 import torch
 
+from peft_tuner import runtime
 from peft_tuner.config import ConfigError
 from peft_tuner.cpu_cleanup import (free_orphaned_shared_memory, remove_stale_build_locks, unlink_shared_memory_segment,
                                     watch_build_locks)
+from peft_tuner.deepspeed_patches import import_deepspeed
 
 MPI_RANK_VARIABLES = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK")
 
@@ -49,20 +50,6 @@ def use_cpu_accelerator_if_no_gpu() -> None:
         os.environ["DS_ACCELERATOR"] = "cpu"
 
 
-ONEDNN_CACHE_KERNELS = 16  # oneDNN's primitive cache capacity on the CPU (its own default: 1,024)
-
-
-def keep_few_cpu_kernels() -> None:
-    """oneDNN, which runs torch's bf16 and fp16 matrix products on the CPU, keeps up to 1,024 compiled kernels, one for
-    each input shape, and their buffers. A padding-free step is a sequence of a new length nearly every step, so the
-    cache only grows: training SmolLM2 in bf16 (configs/twitter_complaints_smollm2.yaml model.dtype=bf16, 8 epochs,
-    2 threads) rose from 1.16 to 1.82 GB; with 16 kernels kept it stayed at 1.39-1.40 GB and ran at 150 and 166 real
-    tokens/s against 141 and 141 (fp32 training and bf16 evaluation unchanged). Set before the first kernel is built (the
-    cache reads it then); left alone where the user set it."""
-    if not any(k in os.environ for k in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "DNNL_PRIMITIVE_CACHE_CAPACITY")):
-        os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = str(ONEDNN_CACHE_KERNELS)
-
-
 def init_distributed() -> str:
     """Bring up the process group, whatever launched us; returns the launcher's name."""
     use_cpu_accelerator_if_no_gpu()
@@ -74,7 +61,7 @@ def init_distributed() -> str:
     # destroy_process_group cannot free it, gloo's worker threads live on into interpreter shutdown, and one of them,
     # dropping its last finished work, asks for the GIL there and aborts the process ("terminate called without an
     # active exception", in a few runs out of a hundred). Imported first, the defaults are None.
-    deepspeed = import_deepspeed()
+    deepspeed = import_deepspeed()  # (deepspeed_patches)
     import torch.distributed.nn  # noqa: F401
 
     from deepspeed.accelerator import get_accelerator
@@ -96,34 +83,10 @@ def init_distributed() -> str:
         free_orphaned_shared_memory()
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    else:
-        share_cores_between_local_ranks()
-    return launcher
-
-
-def share_cores_between_local_ranks() -> None:
-    """CPU training: each process on a node takes its share of the cores torch would use alone, unless
-    OMP_NUM_THREADS says otherwise (torchrun sets 1 for several processes; the deepspeed launcher sets nothing, and
-    there 2 processes of 2 threads each on 2 cores stepped 1.17-1.19x slower than with the cores shared: SmolLM2
-    recipe, ZeRO-2)."""
-    if "OMP_NUM_THREADS" not in os.environ:
+    elif runtime.cpu_tuning_wants("threads") and "OMP_NUM_THREADS" not in os.environ:
         hosts = all_gather_objects(socket.gethostname())
-        torch.set_num_threads(max(1, torch.get_num_threads() // hosts.count(hosts[rank()])))
-
-
-def import_deepspeed():
-    """deepspeed, imported without its autotuner's `import mlflow` at module level: where mlflow is installed (it is an
-    extra of ours), that import cost every process 1.3 s and about 105 MB of resident memory (measured, 2-core CPU) for
-    a tuner this project never runs. mlflow stays importable afterwards, for train.report_to."""
-    if "deepspeed" not in sys.modules and "mlflow" not in sys.modules:
-        sys.modules["mlflow"] = None  # `import mlflow` raises ImportError, which the autotuner catches
-        try:
-            importlib.import_module("deepspeed")
-        finally:
-            del sys.modules["mlflow"]
-    import deepspeed
-
-    return deepspeed
+        runtime.share_cores(hosts.count(hosts[rank()]))
+    return launcher
 
 
 def check_shared_folder(folder: Path) -> None:
@@ -182,8 +145,6 @@ def exit_process(code: int) -> None:
     Python's collector cannot free), the interpreter's finalization is skipped, stdout and stderr flushed first: one
     such gloo thread, meeting finalization, aborted the process now and then (SIGABRT, "terminate called without an
     active exception") after the run had saved everything, and a scheduler records that job as failed."""
-    import sys
-
     lingering = process_group_threads()
     if lingering:
         if os.environ.get("PEFT_TUNER_DEBUG_EXIT"):
@@ -261,31 +222,6 @@ def gathered(params: list, zero_stage: int):
             yield
     else:
         yield
-
-
-MMAP_THRESHOLD_BYTES = 1 << 20  # malloc's M_MMAP_THRESHOLD: blocks this large get their own mapping
-TRIM_THRESHOLD_BYTES = 64 << 20  # malloc's M_TRIM_THRESHOLD: the free top of the heap kept before it is given back
-
-
-def map_gathered_weights_apart(zero_stage: int) -> bool:
-    """Under ZeRO-3 on the CPU every layer's weights are gathered before its forward and backward and freed after: host
-    blocks of 1 to 4 MB each (SmolLM2-135M's), every step. glibc's malloc raises its mmap threshold each time a mapped
-    block is freed, so after the first few steps those blocks come from its heap, which fragments and keeps growing:
-    peak resident memory per process rose step after step, from 1.7-1.8 to 2.4-2.5 GB over 2 epochs (the recipe of
-    the PEFT example, SmolLM2, 2 processes). With the threshold fixed at 1 MB each gathered weight has its mapping and
-    goes back to the system when freed: 1.8 GB, at the same speed (the trim threshold, fixed with it, is set high:
-    giving the heap's top back after every step ran at 82 tokens/s against 102 in one run each). Set once, before the model loads; left alone where the
-    user tunes malloc (MALLOC_*_ or GLIBC_TUNABLES) or preloads another (jemalloc, tcmalloc), with a GPU, below ZeRO-3
-    (no change measured under ZeRO-2 or on one process) and off glibc. Returns whether it was set."""
-    import ctypes
-    import platform
-
-    env = os.environ
-    tuned = any(k.startswith("MALLOC_") for k in env) or any("malloc" in env.get(k, "") for k in ("GLIBC_TUNABLES", "LD_PRELOAD"))
-    if zero_stage != 3 or torch.cuda.is_available() or tuned or platform.libc_ver()[0] != "glibc":
-        return False
-    libc = ctypes.CDLL(None)
-    return bool(libc.mallopt(-3, MMAP_THRESHOLD_BYTES) and libc.mallopt(-1, TRIM_THRESHOLD_BYTES))  # M_MMAP_, M_TRIM_THRESHOLD
 
 
 @contextlib.contextmanager

@@ -17,8 +17,10 @@ from peft_tuner.config import Config, ConfigError, eval_new_tokens
 from peft_tuner.data import (ClassificationTask, DataError, Encoder, SftEncoder, SftTask, build_sft_task, build_task,
                              prepare_split, read_table, sft_rows, text_blocks)
 from peft_tuner.metrics import answer_scores, classification_metrics, format_report, mean_answer_scores
-from peft_tuner.modeling import ModelError, eval_dtype, load_for_inference
-from peft_tuner.scoring import generate_labels, generate_texts, score_rows, text_loss_over_ranks, text_to_class
+from peft_tuner.losses import text_loss_over_ranks
+from peft_tuner.modeling import ModelError, load_for_inference
+from peft_tuner.runtime import configure_cpu, eval_dtype
+from peft_tuner.scoring import generate_labels, generate_texts, score_rows, text_to_class
 
 
 
@@ -65,6 +67,7 @@ def evaluate(cfg: Config, out_dir: str | Path, split: str = "eval", model_dir: O
     averaged over the adapters (rank classification only)."""
     from peft_tuner import distributed as dist
 
+    configure_cpu(cfg.train.cpu_tuning)  # before the process group shares the cores out
     method = method or cfg.eval.method
     members = list(adapter_dir) if isinstance(adapter_dir, (list, tuple)) else [adapter_dir]
     adapter_dir = members[0]
@@ -84,7 +87,7 @@ def evaluate(cfg: Config, out_dir: str | Path, split: str = "eval", model_dir: O
                         + ("; or hold out part of data.train_file with data.eval_fraction=0.2" if split == "eval" else ""))
     table = read_table(spec, "train" if held_out else split)  # data problems surface before any model loads
     if cfg.data.task == "text":
-        return evaluate_text(cfg, table, out_dir, model_dir, adapter_dir, quiet)
+        return evaluate_text(cfg, table, out_dir, model_dir, adapter_dir, quiet, role="eval" if held_out else split)
     if cfg.data.task in ("completion", "chat"):
         return evaluate_answers(cfg, table, out_dir, split, model_dir, adapter_dir, quiet)
     task = load_task(cfg, adapter_dir or model_dir)
@@ -230,7 +233,7 @@ def prior_offsets(scores: torch.Tensor, shares: torch.Tensor, steps: int = 200) 
     return (offsets - offsets.mean()).float()
 
 
-def evaluate_text(cfg: Config, table, out_dir, model_dir, adapter_dir, quiet: bool) -> dict:
+def evaluate_text(cfg: Config, table, out_dir, model_dir, adapter_dir, quiet: bool, role: str = "eval") -> dict:
     """Plain text: mean token loss and perplexity over packed blocks of data.max_length, in the weights' dtype
     (eval.dtype, else model.dtype: fp32 unless asked), which the report names. Over several processes each takes an
     equal share of the blocks and the sums are added up: every block counted once, the result printed once."""
@@ -238,7 +241,7 @@ def evaluate_text(cfg: Config, table, out_dir, model_dir, adapter_dir, quiet: bo
 
     model, tokenizer, model_kind = load_for_inference(cfg, model_dir, adapter_dir)
     dtype = eval_dtype(cfg)
-    blocks, _ = text_blocks(tokenizer, table, cfg.data)
+    blocks, _ = text_blocks(tokenizer, table, cfg.data, role)
     world = join_launcher_processes()
     model.to(dist.device())
     started = time.time()

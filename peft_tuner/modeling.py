@@ -153,156 +153,6 @@ def _contiguous_inputs(module, args):
     return tuple(a.contiguous() if isinstance(a, torch.Tensor) else a for a in args)
 
 
-ROW_BY_ROW = "sdpa_row_by_row"
-
-
-def row_by_row_attention(module, query, key, value, attention_mask, cu_seq_lens_q=None, max_length_q=None, **kwargs):
-    """transformers' SDPA attention, except for a padding-free batch, whose rows are named by `cu_seq_lens_q` (row
-    boundaries in the one sequence, as for flash-attention's varlen kernels): there each row attends causally to
-    itself alone. On a GPU in bf16 / fp16, torch's flash-attention varlen kernel takes all rows in one call; elsewhere
-    the rows run one at a time. SDPA alone would attend over the whole sequence under a block-diagonal mask, work
-    that grows with the square of the whole length (8 rows of 200 tokens: 1600^2 against 8 x 200^2, 8 times more; a
-    SmolLM2 forward + backward of such a batch took 10.56 s with the mask, 5.61 s row by row, on 2 CPU cores; for rows
-    of 30 tokens 1.01 s and 0.94 s: bench/packed_attention.py)."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    if cu_seq_lens_q is None or query.shape[0] != 1 or query.shape[2] != key.shape[2]:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    if query.is_cuda:
-        if max_length_q is not None and varlen_fits(query, kwargs.get("dropout", 0.0)):
-            return _varlen_attention(query, key, value, cu_seq_lens_q, max_length_q, kwargs.get("scaling")), None
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)  # the block-diagonal mask
-    bounds = cu_seq_lens_q.tolist()
-    rows = [_row_attention(sdpa_attention_forward, module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], **kwargs)
-            for a, b in zip(bounds, bounds[1:])]
-    return torch.cat(rows, dim=1), None  # [1, tokens, heads, head_dim], as SDPA returns it
-
-
-def _varlen_kernel():
-    """torch's flash-attention varlen function (torch 2.10 and later), or None."""
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
-        return None
-    return varlen_attn
-
-
-def varlen_fits(query: torch.Tensor, dropout: float = 0.0) -> bool:
-    """torch's varlen kernel can take this attention: a CUDA tensor in bf16 / fp16, no attention dropout."""
-    return (query.is_cuda and query.dtype in (torch.bfloat16, torch.float16) and not dropout
-            and _varlen_kernel() is not None)
-
-
-def _varlen_attention(query, key, value, cu_seq_lens, max_length: int, scaling):
-    """Causal attention within each row of a padding-free batch in one flash-attention varlen call. query / key /
-    value: [1, heads, tokens, head_dim] as transformers passes them; returns [1, tokens, heads, head_dim]. torch 2.10
-    names causality `is_causal`, later versions a window (-1, 0); where the function takes no `enable_gqa`, grouped
-    key / value heads are repeated to the query's."""
-    import inspect
-
-    varlen_attn = _varlen_kernel()
-    parameters = inspect.signature(varlen_attn).parameters
-    q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))  # [tokens, heads, head_dim]
-    options = {"window_size": (-1, 0)} if "window_size" in parameters else {"is_causal": True}
-    if k.shape[1] != q.shape[1]:
-        if "enable_gqa" in parameters:
-            options["enable_gqa"] = True
-        else:
-            k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
-    if scaling is not None:
-        options["scale"] = scaling
-    cu = cu_seq_lens.to(device=q.device, dtype=torch.int32)
-    return varlen_attn(q, k, v, cu, cu, int(max_length), int(max_length), **options).unsqueeze(0)
-
-
-FP32_ATTENTION_UP_TO = 256  # tokens in a row
-
-
-def _row_attention(sdpa_attention_forward, module, query, key, value, **kwargs):
-    """One row's causal SDPA. A bf16 / fp16 row of up to FP32_ATTENTION_UP_TO tokens runs in fp32: the CPU's
-    half-precision flash-attention backward is slow on short rows (forward + backward of 9 query and 3 key/value heads
-    of 64 on 2 cores: 40 tokens 842 us in bf16, 239 us in fp32; 80 tokens 1,404 / 546 us; 200 tokens 3,413 / 2,855 us;
-    400 tokens even, 9,882 / 10,334 us)."""
-    if query.dtype in (torch.bfloat16, torch.float16) and query.shape[2] <= FP32_ATTENTION_UP_TO:
-        with torch.autocast(query.device.type, enabled=False):  # autocast would cast them back
-            out = sdpa_attention_forward(module, query.float(), key.float(), value.float(), None, **kwargs)[0]
-        return out.to(query.dtype)
-    return sdpa_attention_forward(module, query, key, value, None, **kwargs)[0]
-
-
-def attend_row_by_row(model) -> bool:
-    """Padding-free training on SDPA models: each row attends to itself alone (row_by_row_attention: one row at a
-    time on the CPU, flash-attention varlen on a GPU in bf16 / fp16, else SDPA's block-diagonal mask). Other batches
-    (padded evaluation, a scoring tree's 4D mask, generation) go through SDPA unchanged. False where the model does
-    not use SDPA (flash-attention takes the same row boundaries itself; eager is left alone)."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if getattr(base.config, "_attn_implementation", None) not in ("sdpa", ROW_BY_ROW):
-        return False
-    AttentionInterface.register(ROW_BY_ROW, row_by_row_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(ROW_BY_ROW, sdpa_mask)  # padded batches get SDPA's masks
-    base.set_attn_implementation(ROW_BY_ROW)
-    return True
-
-
-def packed_attention_name(rows_apart: bool, device: torch.device, dtype: torch.dtype) -> str:
-    """What attention a padding-free batch gets, for the run's start record: after attend_row_by_row (`rows_apart`)
-    on `device`, computing in `dtype`."""
-    if not rows_apart:
-        return "mask"
-    if device.type == "cuda":
-        return "flash varlen" if dtype in (torch.bfloat16, torch.float16) and _varlen_kernel() is not None else "mask"
-    return "row by row"
-
-
-class CpuDropout(torch.nn.Module):
-    """Dropout whose mask is drawn 16 random bits an element, four elements to one 64-bit draw of torch's generator.
-    torch's own dropout on the CPU draws a Bernoulli number per element from its serial Mersenne twister: on a
-    160 x 1536 fp32 activation 1,274 us forward, against 400 us here (2 cores), and LoRA's dropout runs before every
-    adapted layer (210 times a SmolLM2 step with LoRA on every linear layer: 15% of the step's time). The drop
-    probability is `p` rounded to a multiple of 1/65536 (0.1 becomes 0.10000610) and the kept elements are scaled by
-    the inverse of the kept share, so the expected activation is unchanged, as nn.Dropout's."""
-
-    @staticmethod
-    def fits(p: float) -> bool:
-        """p is at least 1/65536 from 0 and from 1."""
-        return 0 < round(p * 65536) < 65536
-
-    def __init__(self, p: float):
-        super().__init__()
-        dropped = round(p * 65536)
-        if not self.fits(p):
-            raise ValueError(f"CpuDropout: p={p} rounds to {dropped}/65536; it needs 0 < p < 1 (at least 1/65536 from each)")
-        self.p = dropped / 65536
-        self.threshold = dropped - 32768  # an element is dropped where its 16 bits, read as int16, fall below this
-        self.scale = 65536 / (65536 - dropped)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training:
-            return x
-        n = x.numel()
-        bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-2 ** 63, None)  # all 64 bits
-        keep = bits.view(torch.int16)[:n].view(x.shape) >= self.threshold
-        return x * keep * self.scale
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
-
-
-def cpu_dropout(model) -> int:
-    """Put CpuDropout in place of every torch.nn.Dropout with 0 < p < 1 (LoRA's, and the base model's if it has any);
-    for training on the CPU, where torch's dropout is slow (CpuDropout). Returns how many it replaced."""
-    replaced = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is torch.nn.Dropout and not child.inplace and CpuDropout.fits(child.p):
-                setattr(parent, name, CpuDropout(child.p))
-                replaced += 1
-    return replaced
-
-
 def load_trained_model(model_cfg: ModelConfig, trained_dir, dtype: Optional[str] = None):
     """An adapter folder on its base model (peft), or a standalone folder (method=full, or a merged model)."""
     trained_dir = Path(trained_dir)
@@ -317,27 +167,6 @@ def load_trained_model(model_cfg: ModelConfig, trained_dir, dtype: Optional[str]
     return contiguous_head_inputs(AutoModelForCausalLM.from_pretrained(str(trained_dir), dtype=DTYPES[dtype or model_cfg.dtype]))
 
 
-def eval_dtype(cfg: Config) -> str:
-    """eval.dtype, `auto` resolved for this machine (`resolve_dtype`)."""
-    return resolve_dtype(cfg.eval.dtype, cfg.model.dtype)
-
-
-def resolve_dtype(wanted: Optional[str], default: str) -> str:
-    """A dtype setting: unset is `default`; `auto` is bf16 where this machine computes it natively, else `default`.
-    Without native support bf16 is emulated and slow: SmolLM2 rank classification of 300 rows ran at 1.91 examples/s
-    in bf16 against 10.06 in fp32 on a 2-core AMD EPYC with AVX2 only (bench/speed_vs_peers.py)."""
-    if wanted != "auto":
-        return wanted or default
-    return "bf16" if native_bf16() else default
-
-
-def native_bf16() -> bool:
-    """A CUDA device that supports bf16, or (on the CPU) AVX-512 BF16 or AMX instructions."""
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    return any(getattr(torch.cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-
-
 def load_for_inference(cfg: Config, model_dir: Optional[str] = None, adapter_dir: Optional[str] = None):
     """(model in eval mode, tokenizer, kind): an adapter on its base model, a standalone folder (a merged model; what
     method=full saves where the adapter would be), or the base model alone. Never with gradient checkpointing, which
@@ -347,6 +176,9 @@ def load_for_inference(cfg: Config, model_dir: Optional[str] = None, adapter_dir
     eval.dtype (else model.dtype): it runs as fast as the base model. Prompt-learning adapters stay wrapped."""
     from transformers import AutoTokenizer
 
+    from peft_tuner.runtime import configure_cpu, eval_dtype
+
+    configure_cpu(cfg.train.cpu_tuning)
     dtype = eval_dtype(cfg)
     model_cfg = dataclasses.replace(cfg.model, gradient_checkpointing=False)
     if adapter_dir and not (Path(adapter_dir) / "adapter_config.json").is_file() \
@@ -473,21 +305,44 @@ def build_peft_model(model, settings: PeftSettings, model_cfg: ModelConfig, tota
         raise ModelError(f"peft.method={settings.method} does not apply to this {model.config.model_type} model: {e}") from e
 
 
-def add_neftune_noise(model, alpha: float):
+def add_neftune_noise(model, alpha: float, padding_free: bool = False):
     """NEFTune (Jain et al. 2023): while the model trains, add uniform noise in [-m, m] to the input embeddings, with
-    m = alpha / sqrt(sequence length * hidden size). Evaluation (model.eval()) sees clean embeddings. The noise comes from
-    torch's generator, which checkpoints save and restore, so a resumed run draws the same noise. Returns the hook's
-    handle (None when alpha is 0)."""
+    m = alpha / sqrt(sequence length * hidden size), the length of the (padded) batch as the paper's code and the
+    Trainer take it. A padding-free batch is one sequence of several rows: there each token's m takes its own row's
+    length (read from the position ids, which restart at each row), so a row gets the noise it would get alone, not
+    that of the whole packed sequence. Evaluation (model.eval()) sees clean embeddings. The noise comes from torch's
+    generator, which checkpoints save and restore, so a resumed run draws the same noise. Returns the hooks' handles
+    (none when alpha is 0)."""
     if alpha <= 0:
-        return None
+        return []
+    batch = {}  # the position ids of the forward that runs now
+
+    def remember_positions(module, args, kwargs):
+        batch["position_ids"] = kwargs.get("position_ids")
 
     def noise(module, inputs, output):
         if not module.training:
             return output
+        positions = batch.get("position_ids")
+        if padding_free and positions is not None and positions.shape[0] == 1 == output.shape[0]:
+            lengths = row_length_of_each_token(positions[0]).to(output.device, torch.float32)
+            magnitude = (alpha / torch.sqrt(lengths * output.shape[-1])).to(output.dtype).unsqueeze(-1)
+            return output + torch.empty_like(output).uniform_(-1, 1) * magnitude
         magnitude = alpha / math.sqrt(output.shape[-2] * output.shape[-1])
         return output + torch.empty_like(output).uniform_(-magnitude, magnitude)
 
-    return model.get_input_embeddings().register_forward_hook(noise)
+    handles = [model.get_input_embeddings().register_forward_hook(noise)]
+    if padding_free:
+        handles.append(model.register_forward_pre_hook(remember_positions, with_kwargs=True))
+    return handles
+
+
+def row_length_of_each_token(positions: torch.Tensor) -> torch.Tensor:
+    """For a padding-free sequence's position ids (0, 1, 2, 0, 1, ...: a row starts where they restart at 0), the
+    length of the row each token belongs to."""
+    starts = torch.nonzero(positions == 0).flatten().tolist() + [positions.numel()]
+    lengths = torch.tensor([b - a for a, b in zip(starts, starts[1:])])
+    return lengths.repeat_interleave(lengths)
 
 
 def keep_adalora_mask(model) -> None:

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 SUMMARY_PREFIXES = ("peft-tuner train |", "done |", "epoch ", "stopped by signal")
@@ -43,25 +44,27 @@ class Run:
     resume: bool = False
 
 
-def train_in_subprocess(recipe, overrides: list[str], processes: int, train_dir: Path, resume: bool = False) -> dict:
+def train_in_subprocess(recipe, overrides: list[str], processes: int, train_dir: Path, resume: bool = False,
+                        cpu_tuning="auto") -> dict:
     """Train into `train_dir` and return its summary.json (one run of train_in_subprocesses)."""
-    return train_in_subprocesses(recipe, [Run("", overrides, train_dir, resume)], processes)[0]
+    return train_in_subprocesses(recipe, [Run("", overrides, train_dir, resume)], processes, cpu_tuning=cpu_tuning)[0]
 
 
-def train_in_subprocesses(recipe, runs: list[Run], processes: int, at_once: int = 1) -> list[dict]:
-    """Train `runs`, `at_once` of them at a time, and return their summaries in order. The cores are shared out
-    between the processes that run together (OMP_NUM_THREADS): small matrix products keep one thread busier than
-    two (SmolLM2 recipe runs on 2 cores: 184 and 193 s alone with 2 threads, seeds 42 / 7; 261 and 263 s side by side
-    with 1 thread each, seeds 1 / 2: 1.43x the work done). The runs' summary lines are shown as they come, named when
-    several run. A failed run stops the others (each saves a checkpoint), then its error carries the command and its
-    last 40 lines of output."""
-    cores = os.cpu_count() or processes
+def train_in_subprocesses(recipe, runs: list[Run], processes: int, at_once: int = 1, cpu_tuning="auto") -> list[dict]:
+    """Train `runs`, `at_once` of them at a time, and return their summaries in order. On a CPU the cores are shared
+    out between the processes that run together (runtime.threads_for_runs_at_once, unless train.cpu_tuning, here
+    `cpu_tuning`, leaves threads out). The runs' summary lines are shown as they come, named when several run. A failed
+    run stops the others (each saves a checkpoint), then its error carries the command and its last 40 lines of
+    output."""
+    from peft_tuner.runtime import threads_for_runs_at_once
+
     pending, started, running, failed = list(runs), [], [], None
     with stop_signals_passed_to(running) as stopped:
         while pending or running:
             while pending and len(running) < at_once and not stopped and failed is None:
                 together = min(at_once, len(pending) + len(running))
-                proc = _start(recipe, pending.pop(0), processes, max(1, cores // (processes * together)), at_once > 1)
+                proc = _start(recipe, pending.pop(0), processes, threads_for_runs_at_once(processes, together, cpu_tuning),
+                              at_once > 1)
                 started.append(proc)
                 running.append(proc)
                 if stopped:  # the signal came while it started
@@ -94,13 +97,13 @@ def train_in_subprocesses(recipe, runs: list[Run], processes: int, at_once: int 
     return [json.loads((run.train_dir / "summary.json").read_text()) for run in runs]
 
 
-def _start(recipe, run: Run, processes: int, threads: int, named: bool) -> subprocess.Popen:
+def _start(recipe, run: Run, processes: int, threads: Optional[int], named: bool) -> subprocess.Popen:
     """The run as a child process in its own process group (which a stop signal reaches whole), its output read by a
     thread: kept, and its summary lines shown."""
     import threading
 
     proc = subprocess.Popen(training_command(recipe, run.overrides, processes, run.resume),
-                            env={**os.environ, "OMP_NUM_THREADS": str(threads)}, cwd=Path.cwd(),
+                            env={**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}, cwd=Path.cwd(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     proc.run, proc.started, proc.lines = run, time.time(), []
     prefix = f"      [{run.name}] " if named else "      "

@@ -17,12 +17,10 @@ import torch
 import torch.nn.functional as F
 
 from peft_tuner.config import Config, eval_new_tokens
-from peft_tuner.data import IGNORE_INDEX, Encoder, collate
+from peft_tuner.data import Encoder, collate
 from peft_tuner.modeling import decode, is_prompt_learning, stop_token_ids
 
 LOGITS_BUDGET = 64 * 2**20  # floats of candidate logits held at once (256 MB in fp32)
-SCORE_WITH_EAGER_ATTENTION_ON_CPU = True  # bench/eval_speed_settings.py turns it off to compare
-SHARE_PROMPT_PREFIX = True  # likewise
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -30,7 +28,7 @@ SHARE_PROMPT_PREFIX = True  # likewise
 
 
 def rank_scores(model, encoder: Encoder, rows: list[dict], batch_size: int, share_cache: Optional[bool] = None,
-                progress=None) -> torch.Tensor:
+                progress=None, share_prefix: bool = True) -> torch.Tensor:
     """[rows, classes] summed log-probabilities of each class's tokens (label + EOS) after the prompt.
 
     With `share_cache` (the default, except for prompt-learning models) the prompt is encoded once: where the model
@@ -39,7 +37,7 @@ def rank_scores(model, encoder: Encoder, rows: list[dict], batch_size: int, shar
     One forward rather than the prompt's and then the tree's on its cache: SmolLM2 on the 300 dev rows in bf16 on a
     2-core CPU, 32.8 against 28.3-28.6 examples/s, the same scores (fp32: 15.3 against 15.4). The tokens that most
     prompts start with (the template's head; with data.chat_format the chat template's system turn) go through the
-    model once, and the batches of those prompts read their cache."""
+    model once, and the batches of those prompts read their cache (unless `share_prefix` is false)."""
     share_cache = not is_prompt_learning(model) if share_cache is None else share_cache
     candidates = [encoder.label_ids[name] for name in encoder.task.class_names]
     reserve = max(len(c) for c in candidates)
@@ -51,7 +49,7 @@ def rank_scores(model, encoder: Encoder, rows: list[dict], batch_size: int, shar
     scores = torch.zeros((len(rows), len(candidates)))
     with eager_attention_on_cpu(model):
         prefix, sharing = [], set()
-        if SHARE_PROMPT_PREFIX and tree is not None and not _zero3_partitioned(model):
+        if share_prefix and tree is not None and not _zero3_partitioned(model):
             prefix, sharing = shared_prefix(prompts)
         cache = _prefix_cache(model, prefix) if prefix else None
         groups = [[i for i in range(len(prompts)) if i not in sharing], sorted(sharing)] if cache is not None \
@@ -74,15 +72,16 @@ def rank_scores(model, encoder: Encoder, rows: list[dict], batch_size: int, shar
 
 @contextlib.contextmanager
 def eager_attention_on_cpu(model):
-    """In bf16 / fp16 on the CPU, scoring's short prompts under padding masks run faster through plain attention (two
-    matrix products and a softmax) than through SDPA's kernel: SmolLM2 rank classification of the 300 dev rows, bf16,
-    32 prompts a forward, 2 cores: 58.6 against 49.5 examples/s (bench/eval_speed_settings.py). In fp32 it gained
-    nothing (16.0 against 16.3), so fp32 keeps SDPA, as do GPUs. SDPA comes back afterwards."""
-    from peft_tuner.modeling import ROW_BY_ROW
+    """The CPU tuning's eager_scoring: in bf16 / fp16 on the CPU, scoring's short prompts under padding masks run
+    faster through plain attention (two matrix products and a softmax) than through SDPA's kernel: SmolLM2 rank
+    classification of the 300 dev rows, bf16, 32 prompts a forward, 2 cores: 58.6 against 49.5 examples/s. In fp32 it
+    gained nothing (16.0 against 16.3), so fp32 keeps SDPA, as do GPUs. SDPA comes back afterwards."""
+    from peft_tuner.packed_attention import ROW_BY_ROW
+    from peft_tuner.runtime import cpu_tuning
 
     base = _base_model(model)
     before = getattr(base.config, "_attn_implementation", None)
-    if not SCORE_WITH_EAGER_ATTENTION_ON_CPU or before not in ("sdpa", ROW_BY_ROW) \
+    if not cpu_tuning().eager_scoring or before not in ("sdpa", ROW_BY_ROW) \
             or next(model.parameters()).device.type != "cpu" or next(model.parameters()).dtype == torch.float32 \
             or not base._can_set_attn_implementation():
         yield
@@ -366,52 +365,3 @@ def content_free_prior(model, encoder: Encoder) -> torch.Tensor:
     rows = [{c: text for c in encoder.task.template_columns} for text in ("N/A", "", "[MASK]")]
     scores = rank_scores(model, encoder, rows, batch_size=3)
     return torch.logsumexp(scores.log_softmax(-1), 0) - math.log(len(rows))
-
-
-
-def takes_chosen_logits(model) -> bool:
-    """Whether the model computes logits only at the positions a boolean `logits_to_keep` mask names (transformers'
-    causal LMs do; prompt-learning models prepend virtual tokens, which would shift the mask)."""
-    return not is_prompt_learning(getattr(model, "module", model)) and forward_takes(model, "logits_to_keep")
-
-
-def label_token_losses(model, inputs: dict, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next-token cross-entropy of every label token (labels are -100 elsewhere), and the batch row of each.
-
-    The LM head (for SmolLM2 a 49,152 x 576 matrix, a fifth of the model's multiply-adds per token) runs only at the
-    positions that predict a label, where the model allows it: a classification row's prompt costs no logits at all."""
-    targets = labels[:, 1:]
-    wanted = targets != IGNORE_INDEX
-    if takes_chosen_logits(model):
-        keep = F.pad(wanted, (0, 1), value=False)  # position t predicts token t + 1
-        logits = model(**inputs, logits_to_keep=keep).logits  # [kept positions, vocab]
-    else:
-        logits = model(**inputs).logits[:, -labels.shape[1]:]  # prompt-learning models prepend virtual tokens
-        logits = logits[:, :-1][wanted]
-    losses = F.cross_entropy(logits.float(), targets[wanted], reduction="none")
-    return losses, wanted.nonzero()[:, 0]
-
-
-@torch.no_grad()
-def text_loss_over_ranks(model, blocks: list[dict], batch_size: int, pad: int) -> float:
-    """Mean next-token loss over the label tokens of `blocks` (every token of a text block; the target of a completion
-    or chat example), each rank taking an equal run of them (the last rank's run filled up with blocks that are run
-    but not counted: under ZeRO-3 every forward is a collective, so all ranks run as many)."""
-    from peft_tuner import distributed as dist
-
-    world, rank = dist.world_size(), dist.rank()
-    per_rank = math.ceil(len(blocks) / world)
-    mine = list(range(rank * per_rank, (rank + 1) * per_rank))
-    device = next(model.parameters()).device
-    pass_positions = not is_prompt_learning(model) and takes_tree_mask(model)  # BLOOM takes no positions
-    total, tokens = 0.0, 0
-    for start in range(0, per_rank, batch_size):
-        indices = mine[start:start + batch_size]
-        counted = torch.tensor([i < len(blocks) for i in indices], device=device)
-        batch = collate([blocks[min(i, len(blocks) - 1)] for i in indices], pad)
-        inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask") + (("position_ids",) if pass_positions else ())}
-        losses, row_of = label_token_losses(model, inputs, batch["labels"].to(device))
-        total += float(losses[counted[row_of]].sum())
-        tokens += int(counted[row_of].sum())
-    total, tokens = dist.all_reduce([total, tokens])
-    return total / tokens

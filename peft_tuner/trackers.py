@@ -7,9 +7,13 @@ numeric values of each logged step, evaluation and the run's end, under `train/`
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import time
 from pathlib import Path
+from typing import Optional
 
+from peft_tuner import distributed as dist
 from peft_tuner.config import ConfigError
 
 PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
@@ -106,3 +110,30 @@ class WandB:
 
     def close(self) -> None:
         self.run.finish()
+
+
+class RunLog:
+    """JSON lines in output_dir (rank 0), the trackers of train.report_to, and one-line summaries on stdout."""
+
+    def __init__(self, path: Path, append: bool, trackers: Optional[list] = None):
+        self.path, self.trackers = path, trackers or []
+        if dist.is_main() and not append:
+            path.write_text("")
+
+    def record(self, values: dict) -> None:
+        if dist.is_main():
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"time": round(time.time(), 3), **values}) + "\n")
+            prefix = PREFIXES.get(values.get("event"))
+            if prefix and values.get("step", values.get("steps_done")) is not None:
+                scalars = {f"{prefix}/{k}": v for k, v in numeric(values).items()}
+                for tracker in self.trackers:
+                    tracker.log(scalars, int(values.get("step", values.get("steps_done"))))
+
+    def close(self) -> None:
+        for tracker in self.trackers:
+            tracker.close()
+
+    def line(self, text: str) -> None:
+        if dist.is_main():
+            print(text, flush=True)

@@ -176,13 +176,14 @@ def launch_command(launcher: str, script: str = "launch/train.py", stage: int = 
     raise ValueError(launcher)
 
 
-def run(cmd: list[str], timeout: int = 300, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+def run(cmd: list[str], timeout: int = 300, env: dict | None = None, check: bool = True,
+        cwd: Path = ROOT) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false",
                 "PYTHONUNBUFFERED": "1", **(env or {})}
     full_env = {k: v for k, v in full_env.items() if v is not None}  # env={"NAME": None} leaves NAME unset
     # Its own process group, killed whole on timeout or Ctrl-C: a launcher's workers outliving the test would load the
     # machine (or hold an op-build lock) for the rest of the suite.
-    with subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    with subprocess.Popen(cmd, cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                           start_new_session=True) as child:
         try:
             stdout, stderr = child.communicate(timeout=timeout)

@@ -148,7 +148,7 @@ def test_bad_conversations_are_reported_with_their_row(tmp_path, chat_tokenizer)
 def test_packed_chat_and_completion_rows_have_the_padded_loss(chat_model, chat_tokenizer, sft_files, task):
     from transformers import AutoModelForCausalLM
 
-    from peft_tuner.trainer import token_loss_sum
+    from peft_tuner.losses import token_loss_sum
 
     encoder, table = sft_encoder(chat_tokenizer, sft_files, f"data.task={task}")
     examples = [encoder.training_example(r)[0] for r in table.rows[:4]]

@@ -55,7 +55,7 @@ def test_classification_trains_and_generate_mode_evaluation_reads_the_label_word
                           train={"epochs": 60, "learning_rate": 1e-2})  # every one of seeds 1-7 learns the label words
     run(launch_command("python") + [str(recipe)], timeout=200)
     start = json.loads((tmp_path / "run" / "train_log.jsonl").open().readline())
-    assert start["event"] == "start" and start["cpu_dropouts"] > 0  # GPT-2's and LoRA's dropouts trained as CpuDropout
+    assert start["event"] == "start" and start["cpu_tuning"]["dropout"] > 0  # GPT-2's and LoRA's dropouts trained as CpuDropout
     adapter = tmp_path / "run" / "adapter"
     assert main(["evaluate", "--adapter", str(adapter), "--method", "generate", "eval.max_new_tokens=4",
                  "--out", str(tmp_path / "generate")]) == 0

@@ -56,25 +56,13 @@ def test_typos_and_wrong_types_name_the_key(override, message):
         load_config(str(RECIPES[0]), [override])
 
 
-def test_train_autocast_auto_follows_the_machine_and_needs_fp32_weights(monkeypatch):
-    """train.autocast=auto computes the forward in bf16 only where the machine does so natively; autocast over weights
-    already in bf16 / fp16 is refused, as is an unknown dtype."""
-    import torch
-
-    from peft_tuner.trainer import train_autocast
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    cfg = load_config(str(RECIPES[0]), ["train.autocast=auto"])
-    for native, expected in ((False, None), (True, torch.bfloat16)):
-        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=native: v, raising=False)
-        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
-        assert getattr(train_autocast(cfg), "fast_dtype", None) == expected
-    assert train_autocast(load_config(str(RECIPES[0]), ["train.autocast=fp16"])).fast_dtype == torch.float16
-    assert getattr(train_autocast(load_config(str(RECIPES[0]))), "fast_dtype", None) is None  # off by default
-    with pytest.raises(ConfigError, match="train.autocast: the weights are already bf16"):
-        load_config(str(RECIPES[0]), ["train.autocast=bf16", "model.dtype=bf16"])
-    with pytest.raises(ConfigError, match="train.autocast: 'bf8' is not one of bf16, fp16, auto"):
-        load_config(str(RECIPES[0]), ["train.autocast=bf8"])
+@pytest.mark.parametrize("value", ["Tweet text : {Tweet text} Label :", "{a", "[{text}, y"])
+def test_an_override_value_yaml_cannot_read_names_the_key_and_how_to_quote_it(value):
+    """Colons and braces make a value YAML cannot read; the message names the key and the quoting that works."""
+    with pytest.raises(ConfigError, match="override data.prompt_template: the value .* is not valid YAML .* Quote it") as e:
+        load_config(str(RECIPES[0]), [f"data.prompt_template={value}"])
+    quoted = str(e.value).split('e.g. "', 1)[1].rsplit('"', 1)[0]  # the override as the message writes it
+    assert load_config(str(RECIPES[0]), [quoted]).data.prompt_template == value
 
 
 def test_all_problems_are_reported_together():
@@ -144,8 +132,17 @@ def test_readme_commands_call_programs_the_setup_installs():
     assert {"mpirun", "python", "peft-tuner"} <= named
     missing = [name for name in named if not (Path(sys.executable).parent / name).exists()]
     assert not missing, f"README names .venv/bin/{missing}, which the setup does not install"
-    mpirun_lines = [line for line in readme.splitlines() if re.match(r"\s*(\S*/)?mpirun ", line)]
-    assert mpirun_lines and all(line.lstrip().startswith(".venv/bin/mpirun") for line in mpirun_lines), mpirun_lines
+    commands = [c for line in readme.splitlines() for c in re.findall(r"`([^`]*)`", line) or [line]]
+    mpirun_commands = [c for c in commands if re.match(r"\s*(\S*/)?mpirun ", c)]
+    assert mpirun_commands and all(c.lstrip().startswith(".venv/bin/mpirun") for c in mpirun_commands), mpirun_commands
+
+
+def test_the_configuration_page_is_the_config_as_it_is_now():
+    """docs/configuration.md is generated from the dataclasses; regenerate it when a key, default or help changes."""
+    from peft_tuner.config import describe_markdown
+
+    page = (ROOT / "docs" / "configuration.md").read_text()
+    assert page == describe_markdown(), "docs/configuration.md is stale: run `peft-tuner config --markdown > docs/configuration.md`"
 
 
 def test_config_command_lists_every_key_with_type_default_and_help(capsys):
@@ -197,27 +194,6 @@ def test_accelerate_deepspeed_settings_are_read_through_its_plugin(monkeypatch, 
     assert zero_stage(ds) == stage and init is zero3_init
     assert ds["zero_optimization"].get("offload_optimizer", {}).get("device", "none") == (offload or "none")
     assert ds["gradient_accumulation_steps"] == cfg.train.gradient_accumulation
-
-
-def test_eval_dtype_auto_is_bf16_only_where_the_machine_computes_it(monkeypatch):
-    """Emulated bf16 is slow (5x slower than fp32 for SmolLM2 scoring on an AVX2-only CPU): `auto` takes bf16 only where
-    the GPU supports it or the CPU has AVX-512 BF16 / AMX, else model.dtype; an explicit dtype is kept as written."""
-    import torch
-
-    from peft_tuner import modeling
-
-    cfg = load_config(str(ROOT / "configs" / "twitter_complaints_smollm2.yaml"))
-    assert cfg.eval.dtype == "auto" and cfg.model.dtype == "fp32"
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    for avx512_bf16, amx, expected in ((False, False, "fp32"), (True, False, "bf16"), (False, True, "bf16")):
-        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v, raising=False)
-        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v, raising=False)
-        assert modeling.eval_dtype(cfg) == expected
-        assert modeling.resolve_dtype("auto", "fp16") == (expected if expected == "bf16" else "fp16")  # distill.dtype
-    assert modeling.eval_dtype(load_config(str(ROOT / "configs" / "twitter_complaints_smollm2.yaml"), ["eval.dtype=bf16"])) == "bf16"
-    assert modeling.eval_dtype(load_config(str(ROOT / "configs" / "wikitext2_lora.yaml"))) == "fp32"  # unset: model.dtype
-    with pytest.raises(ConfigError, match="eval.dtype: 'bf8' is not one of fp32, bf16, fp16, auto"):
-        load_config(str(RECIPES[0]), ["eval.dtype=bf8"])
 
 
 def test_training_evaluates_after_the_steps_and_epochs_the_config_names():

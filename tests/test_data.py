@@ -2,6 +2,8 @@
 the label."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -79,6 +81,52 @@ def test_held_out_split_is_stratified_disjoint_and_the_same_every_time(data_dir)
     assert sorted(rows[i]["label"] for i in held_out) == ["0", "0", "1", "1"]
     assert held_out == select_rows(rows, cfg, "eval", "label")  # train and evaluate split alike
     assert held_out != select_rows(rows, DataConfig(eval_fraction=0.25, seed=4), "eval", "label")
+
+
+def test_held_out_lines_of_a_text_task_are_disjoint_from_the_training_lines_and_the_same_every_time(tokenizer):
+    from peft_tuner.data import Table, text_blocks
+
+    lines = [f"line {i} of the text, with some words to make a block" for i in range(40)]
+    table = Table(rows=[{"text": t} for t in lines], columns=["text"], source="lines.txt")
+    cfg = DataConfig(task="text", max_length=16, eval_fraction=0.25, seed=5, cache=False)
+    decoded = {}
+    for role in ("train", "eval"):
+        blocks, _ = text_blocks(tokenizer, table, cfg, role)
+        stream = tokenizer.decode([t for b in blocks for t in b["input_ids"]])  # blocks are consecutive cuts of one stream
+        decoded[role] = set(re.findall(r"line (\d+) of", stream))
+        assert blocks == text_blocks(tokenizer, table, cfg, role)[0]  # train and evaluate split alike
+    assert decoded["train"] and decoded["eval"] and not decoded["train"] & decoded["eval"]
+    assert len(decoded["eval"]) <= 10 < len(decoded["train"])
+    whole, _ = text_blocks(tokenizer, table, DataConfig(task="text", max_length=16, cache=False), "train")
+    assert len(whole) > len(text_blocks(tokenizer, table, cfg, "train")[0])
+
+
+def test_a_recipe_switched_to_the_text_task_keeps_its_eval_fraction():
+    from peft_tuner.config import load_config
+    from conftest import ROOT
+
+    cfg = load_config(str(ROOT / "configs" / "chnsenticorp_lora.yaml"), ["data.task=text"])
+    assert cfg.data.task == "text" and cfg.data.eval_fraction == 0.2
+
+
+def test_shipped_data_paths_resolve_through_the_data_root_and_say_where_the_data_comes_from(tmp_path, monkeypatch):
+    """`${PEFT_TUNER_DATA}/...` is read from PEFT_TUNER_DATA (else ../shared/data beside the checkout); where the data
+    root lacks the dataset, the error names it, its public source and the variable. Other paths are taken as written."""
+    from peft_tuner.data.sources import resolve_data_path
+
+    monkeypatch.setenv("PEFT_TUNER_DATA", str(tmp_path / "nowhere"))
+    with pytest.raises(DataError, match=r"\$\{PEFT_TUNER_DATA\}/raft/twitter_complaints: not found under "
+                                        r"PEFT_TUNER_DATA=.*nowhere\. It is RAFT .*github.com/oughtinc/raft-baselines.* "
+                                        r"set PEFT_TUNER_DATA"):
+        read_table("${PEFT_TUNER_DATA}/raft/twitter_complaints", "train")
+    with pytest.raises(DataError, match=r"github.com/pytorch/examples"):
+        read_table("$PEFT_TUNER_DATA/wikitext-2/train.txt", "train")
+    (tmp_path / "mine" / "raft").mkdir(parents=True)
+    (tmp_path / "mine" / "raft" / "train.csv").write_text("Tweet text,Label\nhello,complaint\n")
+    monkeypatch.setenv("PEFT_TUNER_DATA", str(tmp_path / "mine"))
+    assert resolve_data_path("${PEFT_TUNER_DATA}/raft/train.csv") == str(tmp_path / "mine" / "raft" / "train.csv")
+    assert read_table("${PEFT_TUNER_DATA}/raft/train.csv").rows == [{"Tweet text": "hello", "Label": "complaint"}]
+    assert resolve_data_path("data/train.csv") == "data/train.csv"  # a user's own path, as written
 
 
 def test_max_rows_draws_from_a_label_sorted_file_but_takes_the_head_of_test_rows(data_dir):

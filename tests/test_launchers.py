@@ -53,10 +53,12 @@ def test_launcher_trains_and_saves_a_loadable_adapter(trained, tiny_models, data
     assert s["adapter_max_logit_diff"] < 1e-4
     assert proc.stdout.count("peft-tuner train |") == 1  # rank 0 alone reports
     start = next(r for r in records(out) if r["event"] == "start")
-    # ZeRO-3 on the CPU: gathered weights get their own mappings (map_gathered_weights_apart); below it, malloc's own rule
-    assert start["malloc_mmap_threshold"] == (2**20 if stage == 3 else None), start["malloc_mmap_threshold"]
-    assert start["zero3_release"] == ("indexed" if stage == 3 else None)  # zero3_release.index_release_decisions
-    assert start["onednn_primitive_cache"] == "16"  # set by the command line before the first kernel (keep_few_cpu_kernels)
+    tuning, patches = start["cpu_tuning"], start["deepspeed_patches"]
+    assert tuning["mode"] == "auto"
+    # ZeRO-3 on the CPU: gathered weights get their own mappings (runtime.map_gathered_weights_apart); below it, malloc's own rule
+    assert tuning["malloc"] == (2**20 if stage == 3 else None), tuning
+    assert tuning["onednn_cache"] == "16"  # set before the first kernel (runtime.configure_cpu)
+    assert patches == {"state": "on", "zero3_release": "indexed" if stage == 3 else None}  # deepspeed_patches
     assert start["optimizer"] == "AdamW (fused)"  # the client AdamW, fused, stepping DeepSpeed's partitions
     if launcher == "deepspeed":  # no OMP_NUM_THREADS: the 2 processes on this machine take half the cores each
         alone = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"], check=True,
@@ -84,6 +86,22 @@ def test_launcher_trains_and_saves_a_loadable_adapter(trained, tiny_models, data
     assert lora_b and all(p.abs().sum() > 0 for p in lora_b)  # trained (LoRA B starts at zero)
 
 
+def test_without_cpu_tuning_and_deepspeed_patches_zero3_gives_the_same_losses(trained):
+    """train.cpu_tuning=off and train.deepspeed_patches=false under partitioned ZeRO-3 on 2 processes (LoRA dropout 0,
+    a base without dropout): nothing CPU-specific is set, DeepSpeed's own release walk runs, and every step's loss is
+    the tuned, patched run's within 1e-5 (the cores shared differently change only the reduction order)."""
+    tuned_out, _ = trained("deepspeed", 3, "llama")
+    plain_out, _ = trained("deepspeed", 3, "llama", extra=("train.cpu_tuning=off", "train.deepspeed_patches=false"))
+    tuned, plain = step_losses(tuned_out), step_losses(plain_out)
+    assert len(plain) == len(tuned) == 8
+    assert max(abs(a - b) for a, b in zip(tuned, plain)) < 1e-5, (tuned, plain)
+    start = next(r for r in records(plain_out) if r["event"] == "start")
+    assert start["cpu_tuning"] == {"mode": "off", "onednn_cache": None, "malloc": None, "threads": None, "dropout": 0,
+                                   "short_rows_fp32": None, "eager_scoring": False}
+    assert start["deepspeed_patches"] == {"state": "off", "zero3_release": "deepspeed"}
+    assert next(r for r in records(tuned_out) if r["event"] == "start")["deepspeed_patches"]["zero3_release"] == "indexed"
+
+
 def test_zero3_on_two_processes_matches_one_process(trained):
     z3_out, _ = trained("deepspeed", 3, "llama", batch_size=4)
     one_out, _ = trained("python", 0, "llama", batch_size=8)
@@ -96,55 +114,6 @@ def test_zero3_on_two_processes_matches_one_process(trained):
     assert z3_weights.keys() == one_weights.keys()
     for key in z3_weights:
         torch.testing.assert_close(z3_weights[key], one_weights[key], atol=1e-4, rtol=1e-3)
-
-
-BLOCK_AFTER_A_FREED_MAPPING = """
-import ctypes, sys
-from peft_tuner import distributed as dist
-
-class MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in
-                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
-
-libc = ctypes.CDLL(None)
-libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
-libc.mallinfo2.restype = MallInfo2
-set_here = dist.map_gathered_weights_apart(int(sys.argv[1]))
-libc.free(libc.malloc(8 << 20))  # by glibc's own rule, blocks up to 8 MB would now come from its heap
-before = libc.mallinfo2().hblkhd
-block = libc.malloc(2 << 20)  # a gathered weight's size
-print(set_here, libc.mallinfo2().hblkhd - before)
-"""
-
-
-@pytest.mark.parametrize("stage,env,mapped", [(3, {}, True), (2, {}, False), (3, {"MALLOC_ARENA_MAX": "2"}, False),
-                                               (3, {"LD_PRELOAD": "/nowhere/libjemalloc.so.2"}, False)],
-                         ids=["zero3", "zero2", "zero3-malloc-tuned-by-the-user", "zero3-another-malloc-preloaded"])
-def test_under_zero3_on_the_cpu_a_gathered_weight_gets_its_own_mapping(stage, env, mapped):
-    proc = subprocess.run([sys.executable, "-c", BLOCK_AFTER_A_FREED_MAPPING, str(stage)], capture_output=True, text=True,
-                          env={**os.environ, **env}, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr
-    set_here, bytes_mapped = proc.stdout.split()
-    assert set_here == str(mapped)
-    assert (int(bytes_mapped) >= 2 << 20) == mapped, bytes_mapped  # its own mapping, given back to the system when freed
-
-
-def test_few_onednn_kernels_are_kept_unless_the_user_chose(monkeypatch):
-    """A padding-free bf16 run on the CPU builds a oneDNN kernel for nearly every step's length; the command line caps
-    the cache (keep_few_cpu_kernels) before the first one, and leaves a capacity the user set alone."""
-    from peft_tuner import distributed as dist
-
-    for name in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "DNNL_PRIMITIVE_CACHE_CAPACITY"):
-        monkeypatch.delenv(name, raising=False)
-    dist.keep_few_cpu_kernels()
-    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == str(dist.ONEDNN_CACHE_KERNELS) == "16"
-    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "256")
-    dist.keep_few_cpu_kernels()
-    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "256"
-    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY")
-    monkeypatch.setenv("DNNL_PRIMITIVE_CACHE_CAPACITY", "8")  # oneDNN's older name for it
-    dist.keep_few_cpu_kernels()
-    assert "ONEDNN_PRIMITIVE_CACHE_CAPACITY" not in os.environ
 
 
 LEAVE_GROUP = """

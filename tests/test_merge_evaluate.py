@@ -141,8 +141,7 @@ def test_rank_classification_runs_the_shared_prompt_head_once_with_the_same_scor
     built, cache_of = [], scoring._prefix_cache
     monkeypatch.setattr(scoring, "_prefix_cache", lambda m, prefix: built.append(prefix) or cache_of(m, prefix))
     shared = rank_scores(model, encoder, rows, batch_size=3)
-    monkeypatch.setattr(scoring, "SHARE_PROMPT_PREFIX", False)
-    plain = rank_scores(model, encoder, rows, batch_size=3)
+    plain = rank_scores(model, encoder, rows, batch_size=3, share_prefix=False)
     assert len(built) == 1 and len(built[0]) >= 3  # "Tweet text :" at least, once for all the batches
     reserve = max(len(ids) for ids in encoder.label_ids.values())
     starts = [encoder.prompt_ids(row, reserve=reserve)[0][:len(built[0])] == built[0] for row in rows]
@@ -155,8 +154,11 @@ def test_rank_classification_in_bf16_on_the_cpu_runs_plain_attention_and_puts_sd
                                                                                          monkeypatch):
     from transformers.models.llama import modeling_llama
 
-    from peft_tuner import scoring
+    from peft_tuner import runtime
 
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)  # put back as it was afterwards
+    runtime.configure_cpu("auto")  # its eager_scoring
     config = ModelConfig(name_or_path=str(tiny_models["llama"]))
     table = read_table(str(data_dir / "raft"), "train")
     encoder = Encoder(load_tokenizer(config), build_task(DataConfig(), table), 64)
@@ -169,7 +171,7 @@ def test_rank_classification_in_bf16_on_the_cpu_runs_plain_attention_and_puts_sd
     assert model.config._attn_implementation == "sdpa"
     plain = rank_scores(model, encoder, table.rows[:5], batch_size=2)
     assert calls and model.config._attn_implementation == "sdpa"  # plain attention while scoring, SDPA afterwards
-    monkeypatch.setattr(scoring, "SCORE_WITH_EAGER_ATTENTION_ON_CPU", False)
+    runtime.configure_cpu("off")
     seen = len(calls)
     with_sdpa = rank_scores(model, encoder, table.rows[:5], batch_size=2)
     assert len(calls) == seen
@@ -406,6 +408,7 @@ def test_calibration_subtracts_the_content_free_prior(tiny_models, tmp_path, dat
         assert c["prediction"] == task.class_names[int(expected.argmax())]
 
 
+@pytest.mark.slow
 def test_merge_and_generate_launch_scripts_take_an_adapter_without_a_recipe(tiny_models, tmp_path):
     """`python launch/merge.py --adapter A --out M` and `python launch/generate.py --model M --prompt ...`: the adapter
     folder holds its base model's path and its tokenizer; the merged model generates what base + adapter does."""
@@ -596,6 +599,7 @@ def test_distill_trains_teachers_labels_and_a_student_then_continues_where_it_st
     assert not (tmp_path / "text").exists()
 
 
+@pytest.mark.slow
 def test_distill_trains_teachers_side_by_side_on_shares_of_the_cores(tiny_models, tmp_path, data_dir, monkeypatch):
     """distill.parallel=2: two teachers train at once, each on half the cores; one failing stops the other before the
     third starts, and the next call continues the failed one from its checkpoint and trains the rest."""

@@ -60,8 +60,8 @@ def test_neftune_noise_is_bounded_and_only_while_training(tiny_models):
     ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
     embeddings = model.get_input_embeddings()
     clean = embeddings(ids).detach()
-    assert add_neftune_noise(model, 0.0) is None
-    handle = add_neftune_noise(model, 5.0)
+    assert add_neftune_noise(model, 0.0) == []
+    (handle,) = add_neftune_noise(model, 5.0)
     bound = 5.0 / (clean.shape[1] * clean.shape[2]) ** 0.5
     model.train()
     noisy = embeddings(ids).detach()
@@ -72,6 +72,30 @@ def test_neftune_noise_is_bounded_and_only_while_training(tiny_models):
     handle.remove()
     model.train()
     assert torch.equal(embeddings(ids), clean)
+
+
+def test_neftune_noise_of_a_padding_free_batch_takes_each_rows_own_length(tiny_models):
+    """Two rows of 3 and 9 tokens packed as one sequence: each row's noise is bounded by alpha/sqrt(its own length x
+    hidden), as that row alone would get, not by the packed length's smaller bound."""
+    model_cfg = ModelConfig(name_or_path=str(tiny_models["llama"]))
+    model = build_peft_model(load_base_model(model_cfg), PeftSettings(r=4), model_cfg, total_steps=1).train()
+    ids = torch.arange(5, 17)[None]
+    positions = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4, 5, 6, 7, 8]])
+    embeddings = model.get_input_embeddings()
+    seen = []
+    handles = add_neftune_noise(model, 5.0, padding_free=True)
+    embeddings.register_forward_hook(lambda module, args, out: seen.append(out.detach()))  # after the noise
+    torch.manual_seed(0)
+    model(input_ids=ids, position_ids=positions)
+    clean = embeddings.weight[ids].detach()
+    noise = (seen[-1] - clean)[0].abs()
+    hidden = clean.shape[-1]
+    for (a, b) in ((0, 3), (3, 12)):
+        bound = 5.0 / ((b - a) * hidden) ** 0.5
+        assert bound * 0.9 < float(noise[a:b].max()) <= bound * (1 + 1e-6), (a, b)
+    assert float(noise[0:3].max()) > 5.0 / (12 * hidden) ** 0.5 * 1.5  # the packed length would have bounded it lower
+    for handle in handles:
+        handle.remove()
 
 
 def test_missing_model_path_and_fake_gguf_are_refused_before_loading(tmp_path):
@@ -98,40 +122,3 @@ def test_the_lm_head_gets_a_contiguous_input_when_only_the_last_position_is_kept
     assert seen == [True]
 
 
-def test_cpu_dropout_drops_p_of_the_elements_keeps_the_mean_and_replaces_torch_dropout(tiny_models):
-    """CpuDropout: about p of the elements dropped in each of the four 16-bit fields of a draw, the rest scaled by
-    1 / (1 - p) (gradient alike), the same mask for the same seed, nothing dropped in eval mode; cpu_dropout swaps it
-    in for every LoRA dropout of a peft model and leaves p = 0 (peft's Identity) alone."""
-    from peft_tuner.modeling import CpuDropout, cpu_dropout
-
-    for p in (0.1, 0.5):
-        dropout = CpuDropout(p).train()
-        x = torch.ones(1_000_000, requires_grad=True)
-        torch.manual_seed(0)
-        y = dropout(x)
-        values = y.detach()
-        dropped = (values == 0).float()
-        assert abs(float(dropped.mean()) - p) < 0.002  # 6 standard deviations at 10^6 elements
-        assert all(abs(float(share) - p) < 0.004 for share in dropped.view(-1, 4).mean(0))  # every field of a draw
-        kept = values[values != 0]
-        assert torch.equal(kept, torch.full_like(kept, 1 / (1 - dropout.p)))
-        assert abs(float(values.mean()) - 1) < 0.005
-        y.sum().backward()
-        assert torch.equal(x.grad, values)
-        torch.manual_seed(0)
-        assert torch.equal(dropout(x).detach(), values)
-        assert dropout.eval()(x) is x
-    assert CpuDropout(0.1)(torch.ones(3, 5, dtype=torch.bfloat16)).dtype == torch.bfloat16
-    with pytest.raises(ValueError, match="0 < p < 1"):
-        CpuDropout(1.0)
-
-    model_cfg = ModelConfig(name_or_path=str(tiny_models["llama"]))
-    model = build_peft_model(load_base_model(model_cfg), PeftSettings(r=4, dropout=0.1, target_modules="all-linear"),
-                             model_cfg, total_steps=1)
-    lora_dropouts = [d for name, m in model.named_modules() if name.endswith("lora_dropout") for d in m.values()]
-    assert lora_dropouts and all(type(d) is torch.nn.Dropout for d in lora_dropouts)
-    assert cpu_dropout(model) == len(lora_dropouts)
-    assert all(isinstance(m, CpuDropout) for name, m in model.named_modules() if name.endswith("lora_dropout.default"))
-    assert not any(type(m) is torch.nn.Dropout and m.p > 0 for m in model.modules())
-    undropped = build_peft_model(load_base_model(model_cfg), PeftSettings(r=4, dropout=0.0), model_cfg, total_steps=1)
-    assert cpu_dropout(undropped) == 0

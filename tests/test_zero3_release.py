@@ -1,4 +1,4 @@
-"""ZeRO-3's release decisions answered from an index of the trace (peft_tuner.zero3_release) are DeepSpeed's own: on a
+"""ZeRO-3's release decisions answered from an index of the trace (peft_tuner.deepspeed_patches) are DeepSpeed's own: on a
 recorded trace of a LoRA model with every weight partitioned, for every position and several reuse distances; and
 DeepSpeed's leaf modules train a LoRA on a frozen base."""
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 from peft_tuner import distributed as dist
-from peft_tuner.zero3_release import TraceIndex, index_release_decisions
+from peft_tuner.deepspeed_patches import TraceIndex, index_release_decisions
 from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator as Coordinator
 
 dist.init_distributed()  # a group of one

@@ -251,13 +251,18 @@ def pack_text(tokenizer, texts: list[str], block_size: int) -> list[dict]:
             for i in range(n_blocks)]
 
 
-def text_blocks(tokenizer, table: Table, cfg: DataConfig) -> tuple[list[dict], bool]:
-    """Plain-text task: the first data.max_rows texts of data.text_column (default `text`), packed into blocks;
-    returns (blocks, whether they came from the tokenization cache)."""
+def text_blocks(tokenizer, table: Table, cfg: DataConfig, role: str = "train") -> tuple[list[dict], bool]:
+    """Plain-text task: the first data.max_rows texts of data.text_column (default `text`) that serve `role`, packed
+    into blocks; returns (blocks, whether they came from the tokenization cache). With data.eval_fraction, that share
+    of the lines, drawn with data.seed, is the eval split and the rest the train split (train and evaluate alike)."""
     column = cfg.text_column or "text"
     if column not in table.columns:
         raise DataError(f"{table.source}: no column '{column}' (data.text_column); columns: {', '.join(table.columns)}")
-    texts = [str(r.get(column, "")) for r in table.rows[: cfg.max_rows]]
+    rows = table.rows
+    if cfg.eval_fraction and role in ("train", "eval"):
+        held_out = set(random.Random(f"{cfg.seed}:lines").sample(range(len(rows)), round(cfg.eval_fraction * len(rows))))
+        rows = [row for i, row in enumerate(rows) if (i in held_out) == (role == "eval")]
+    texts = [str(r.get(column, "")) for r in rows[: cfg.max_rows]]
     build = lambda: pack_text(tokenizer, texts, cfg.max_length)  # noqa: E731
     if not cfg.cache:
         return build(), False

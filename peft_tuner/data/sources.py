@@ -1,11 +1,14 @@
 """Read a split into plain rows: csv, json, jsonl, parquet, a RAFT folder, or a hub dataset through `load_dataset`.
 
-Every failure names the file, the line or key, and what to do; nothing here loads a model.
+A path that starts with `${PEFT_TUNER_DATA}` is read from the data root: the folder PEFT_TUNER_DATA names, else
+`../shared/data` beside this checkout (where the shipped recipes' public datasets live); any other path is taken as
+written. Every failure names the file, the line or key, and what to do; nothing here loads a model.
 """
 from __future__ import annotations
 
 import csv
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -32,8 +35,47 @@ class Table:
     default_label_column: Optional[str] = None
 
 
+DATA_ROOT_VARIABLE = "PEFT_TUNER_DATA"
+DATA_ROOT_PREFIXES = ("${PEFT_TUNER_DATA}", "$PEFT_TUNER_DATA")
+# Where the shipped recipes' datasets come from, by their folder under the data root.
+PUBLIC_SOURCES = {
+    "raft": "RAFT (Alex et al., 2021): the folders data/<task>/ of https://github.com/oughtinc/raft-baselines "
+            "(train.csv, test_unlabeled.csv, task.json); its twitter_complaints dev.csv holds 300 test tweets with the "
+            "gold labels of https://github.com/danielpreotiuc/complaints-social-media",
+    "wikitext-2": "WikiText-2 (train.txt, valid.txt, test.txt): word_language_model/data/wikitext-2/ of "
+                  "https://github.com/pytorch/examples",
+    "chnsenticorp": "ChnSentiCorp hotel reviews: datasets/ChnSentiCorp_htl_all/ChnSentiCorp_htl_all.csv of "
+                    "https://github.com/SophonPlus/ChineseNlpCorpus",
+}
+
+
+def data_root() -> Path:
+    """The folder `${PEFT_TUNER_DATA}` stands for: $PEFT_TUNER_DATA, else ../shared/data beside this checkout."""
+    return Path(os.environ.get(DATA_ROOT_VARIABLE) or Path(__file__).resolve().parents[3] / "shared" / "data")
+
+
+def resolve_data_path(spec: str) -> str:
+    """`spec` with a leading `${PEFT_TUNER_DATA}` replaced by the data root (checked to hold it: else one error naming
+    the dataset, its public source and the variable to set); any other spec unchanged."""
+    prefix = next((p for p in DATA_ROOT_PREFIXES if spec.startswith(p)), None)
+    if prefix is None:
+        return spec
+    relative = spec[len(prefix):].lstrip("/")
+    path = data_root() / relative
+    if not path.exists():
+        dataset = relative.split("/")[0]
+        source = PUBLIC_SOURCES.get(dataset, "the dataset this recipe was written for")
+        where = f"PEFT_TUNER_DATA={os.environ[DATA_ROOT_VARIABLE]}" if os.environ.get(DATA_ROOT_VARIABLE) else \
+            f"the default data root {data_root()} (PEFT_TUNER_DATA is not set)"
+        raise DataError(f"{spec}: not found under {where}. It is {source}. Put {dataset}/ in a folder and set "
+                        f"PEFT_TUNER_DATA to that folder, or give the path of your own copy instead of {spec}")
+    return str(path)
+
+
 def read_table(spec: str, role: str = "train") -> Table:
-    """`spec` is a file, a RAFT folder, a folder in hub layout, or a hub name NAME[:CONFIG][@SPLIT]."""
+    """`spec` is a file, a RAFT folder, a folder in hub layout, or a hub name NAME[:CONFIG][@SPLIT]; a leading
+    `${PEFT_TUNER_DATA}` is the data root."""
+    spec = resolve_data_path(spec)
     path = Path(spec)
     if path.is_dir():
         if (path / "task.json").is_file() or any((path / n).is_file() for names in RAFT_FILES.values() for n in names):
