@@ -307,7 +307,7 @@ def choose(summary: dict[str, dict]) -> str:
 
 
 def markdown(summary: dict[str, dict]) -> str:
-    """The summary as a table for docs/experiments.md."""
+    """The summary as a table for bench/results/experiments-log.md."""
     def stat(values) -> str:
         values = list(values or [])
         if not values:

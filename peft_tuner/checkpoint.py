@@ -32,7 +32,8 @@ TASK_FILE = "peft_tuner_task.json"
 ADAPTER_CONFIG_FILE = "peft_tuner_config.yaml"
 
 # Keys whose change alters the result of a run; anything else (logging, checkpoint cadence) may change on --resume.
-RESUME_INSENSITIVE = {"train.checkpoint_steps", "train.keep_checkpoints", "train.log_steps", "output_dir", "eval", "generate",
+RESUME_INSENSITIVE = {"train.checkpoint_steps", "train.keep_checkpoints", "train.log_steps", "train.deepspeed_patches",
+                      "output_dir", "eval", "generate",
                       "distill", "data.eval_file", "data.test_file", "data.cache"}
 
 

@@ -10,10 +10,10 @@ when the verb runs, so `--help` is quick.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-from pathlib import Path
+
+from peft_tuner import verbs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deepspeed", help="DeepSpeed JSON config (ds_configs/zero2.json, zero3.json, ...)")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in output_dir")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in output_dir")
-    p.set_defaults(run=_train)
+    p.set_defaults(run=verbs.train)
 
     p = sub.add_parser("merge", help="merge an adapter into its base model; verify; save a standalone folder")
     _add_items(p)
@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="fp32", help="dtype of the saved merged weights: fp32, bf16 or fp16")
     p.add_argument("--max-shard-size", default="2GB")
     p.add_argument("--overwrite", action="store_true")
-    p.set_defaults(run=_merge)
+    p.set_defaults(run=verbs.merge)
 
     p = sub.add_parser("evaluate", help="batch evaluation: rank classification or generation; metrics and predictions")
     _add_items(p)
@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="eval", choices=["eval", "test"], help="data.eval_file or data.test_file")
     p.add_argument("--method", choices=["rank", "generate"], help="default: eval.method")
     p.add_argument("--out", help="where predictions and metrics go (default: output_dir/eval)")
-    p.set_defaults(run=_evaluate)
+    p.set_defaults(run=verbs.evaluate)
 
     p = sub.add_parser("pseudo-label", help="label data.test_file's rows with adapters (an ensemble, say) and write "
                        "them with the training rows to one CSV, for training a student adapter on")
@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows", type=int, help="label the first N rows of data.test_file (default: all)")
     p.add_argument("--out", required=True, help="the CSV to write (training rows, then the labelled rows)")
     p.add_argument("--overwrite", action="store_true", help="replace --out and its _scores.jsonl if they exist")
-    p.set_defaults(run=_pseudo_label)
+    p.set_defaults(run=verbs.pseudo_label)
 
     p = sub.add_parser("distill", help="the distillation recipe in one command: teachers (seeds 1..N), their "
                        "ensemble's labels for unlabelled rows, one student adapter; each evaluated")
@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "GPUs, or N CPU processes")
     p.add_argument("--overwrite", action="store_true", help="replace a distillation with other settings in --out "
                    "(finished teachers of the same recipe are kept)")
-    p.set_defaults(run=_distill)
+    p.set_defaults(run=verbs.distill)
 
     p = sub.add_parser("generate", help="generate text: greedy, beam, sampling, top-k/top-p")
     _add_items(p, example="generate.num_beams=4")
@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(repeatable)")
     p.add_argument("--system", help="with --chat: a system message before each question")
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(run=_generate)
+    p.set_defaults(run=verbs.generate)
 
     p = sub.add_parser("convert-loralib", help="turn LoRA weights trained with loralib (Microsoft's LoRA code) into a "
                        "peft adapter folder, which merge, evaluate and generate then take with --adapter")
@@ -138,24 +138,24 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: GPT-2's q,k,v example, q and v)")
     p.add_argument("--out", required=True, help="adapter folder to write (must be empty unless --overwrite)")
     p.add_argument("--overwrite", action="store_true")
-    p.set_defaults(run=_convert_loralib)
+    p.set_defaults(run=verbs.convert_loralib)
 
     p = sub.add_parser("config", help="list every config key with its type, default and help (of one section)")
     p.add_argument("section", nargs="?", help="model, data, peft, train, eval, generate, distill (default: all)")
     p.add_argument("--markdown", action="store_true", help="all keys as the Markdown page docs/configuration.md")
-    p.set_defaults(run=_config)
+    p.set_defaults(run=verbs.config)
 
     p = sub.add_parser("prepare-model", help="download and convert the embedded default model (SmolLM2-135M-Instruct)")
     p.add_argument("name", nargs="?", default="smollm2", help="smollm2")
     p.add_argument("--cache-dir", help="where converted models live (default: $PEFT_TUNER_CACHE/models or "
                    "~/.cache/peft_tuner/models)")
-    p.set_defaults(run=_prepare_model)
+    p.set_defaults(run=verbs.prepare_model)
 
     p = sub.add_parser("convert-gguf", help="convert a GGUF file into a plain safetensors model folder")
     p.add_argument("gguf_file")
     p.add_argument("out_dir")
     p.add_argument("--overwrite", action="store_true")
-    p.set_defaults(run=_convert_gguf)
+    p.set_defaults(run=verbs.convert_gguf)
 
     p = sub.add_parser("make-chat-data", help="build the small instruction set of the chat recipe from the data at "
                        "hand (twitter_complaints and ChnSentiCorp questions, WikiText-2 continuations)")
@@ -164,12 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "$PEFT_TUNER_DATA or ../shared/data beside the checkout)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace files there that differ")
-    p.set_defaults(run=_make_chat_data)
+    p.set_defaults(run=verbs.make_chat_data)
 
     p = sub.add_parser("make-tiny-model", help="write a tiny random model with a local tokenizer (for trying things out)")
     p.add_argument("out_dir")
     p.add_argument("--arch", default="llama", help="gpt2, bloom, opt or llama")
-    p.set_defaults(run=_make_tiny)
+    p.set_defaults(run=verbs.make_tiny)
 
     p = sub.add_parser("demo", help="the main job end to end: prepare, evaluate, train (DeepSpeed), predict, merge, report")
     p.add_argument("items", nargs="*", help="section.key=value overrides of the recipe")
@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tiny", action="store_true", help="a tiny random model instead of SmolLM2 (a quick check)")
     p.add_argument("--processes", type=int, default=2)
     p.add_argument("--test-rows", type=int, help="predict only the first N test rows")
-    p.set_defaults(run=_demo)
+    p.set_defaults(run=verbs.demo)
     return parser
 
 
@@ -194,196 +194,6 @@ def _add_model_flags(p, ensemble: bool = False) -> None:
         p.add_argument("--adapter", help="adapter folder, on the base model of its saved config")
     p.add_argument("--model", help="merged (standalone) model folder")
     p.add_argument("--base", help="base model instead of the configured one")
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# The config of a verb
-
-
-def recipe_and_overrides(args) -> tuple[list[str], list[str]]:
-    """The recipe YAMLs named (train's first argument, or items ending in .yaml) and the section.key=value overrides,
-    --deepspeed, --base and --method included."""
-    items = list(getattr(args, "items", []) or []) + list(getattr(args, "overrides", []) or [])
-    recipes = [i for i in items if i.endswith((".yaml", ".yml")) and "=" not in i]
-    overrides = [i for i in items if i not in recipes]
-    if getattr(args, "recipe", None):
-        recipes.insert(0, args.recipe)
-    if getattr(args, "deepspeed", None):
-        overrides.append(f"deepspeed={args.deepspeed}")
-    if getattr(args, "base", None):
-        overrides.append(f"model.name_or_path={args.base}")
-    if getattr(args, "method", None):
-        overrides.append(f"eval.method={args.method}")
-    return recipes, overrides
-
-
-def resolve_config(args, problems: list[str] | None = None):
-    """The recipe if one is given, else the config saved beside --adapter / --model; the overrides on top. With a
-    `problems` list, the config's problems are added to it instead of raised (train reports them with the rest)."""
-    import yaml
-
-    from peft_tuner.checkpoint import ADAPTER_CONFIG_FILE
-    from peft_tuner.config import ConfigError, load_config
-
-    recipes, overrides = recipe_and_overrides(args)
-    if len(recipes) > 1:
-        raise ConfigError(f"give one recipe, not {recipes}")
-    if recipes:
-        return load_config(recipes[0], overrides, problems=problems)
-    adapter = getattr(args, "adapter", None)
-    saved_dir = (adapter[0] if isinstance(adapter, list) else adapter) or getattr(args, "model", None)
-    if not saved_dir:
-        raise ConfigError("no recipe given; pass RECIPE.yaml (or --adapter / --model of a trained run)")
-    saved = Path(saved_dir)
-    if (saved / ADAPTER_CONFIG_FILE).is_file():  # written by peft-tuner train
-        return load_config(None, overrides, base=yaml.safe_load((saved / ADAPTER_CONFIG_FILE).read_text()), problems=problems)
-    base_model = None
-    if (saved / "adapter_config.json").is_file():  # a peft adapter trained elsewhere names its base model
-        base_model = json.loads((saved / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    elif (saved / "config.json").is_file():  # a merged or standalone model is its own base
-        base_model = str(saved)
-    if not base_model:
-        raise ConfigError(f"no recipe given, and {saved} holds neither {ADAPTER_CONFIG_FILE} (peft-tuner train writes it) "
-                          f"nor a peft adapter_config.json naming its base model; pass RECIPE.yaml")
-    return load_config(None, overrides, base={"model": {"name_or_path": base_model}}, problems=problems)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# What each verb runs
-
-
-def _train(args) -> int:
-    from peft_tuner.trainer import train
-
-    problems: list[str] = []  # the config's, reported with every other problem the preflight finds
-    cfg = resolve_config(args, problems)
-    train(cfg, resume=args.resume, overwrite=args.overwrite, problems=problems)
-    return 0
-
-
-def _merge(args) -> int:
-    from peft_tuner.merge import merge
-
-    result = merge(resolve_config(args), args.adapter, args.out, dtype=args.dtype, overwrite=args.overwrite,
-                   max_shard_size=args.max_shard_size)
-    print(f"merged {args.adapter} into {result['out_dir']} ({result['parameters']:,} parameters, {result['dtype']}); "
-          f"largest |logit| difference to base+adapter: {result['max_logit_diff']:.2e}")
-    return 0
-
-
-def _evaluate(args) -> int:
-    from peft_tuner.evaluate import evaluate
-
-    cfg = resolve_config(args)
-    out = args.out or str(Path(cfg.output_dir) / "eval")
-    evaluate(cfg, out, split=args.split, model_dir=args.model, adapter_dir=args.adapter, method=args.method)
-    return 0
-
-
-def _pseudo_label(args) -> int:
-    from peft_tuner.distill import pseudo_label
-
-    pseudo_label(resolve_config(args), args.out, adapter_dir=args.adapter, model_dir=args.model, rows=args.rows,
-                 overwrite=args.overwrite)
-    return 0
-
-
-def _distill(args) -> int:
-    from peft_tuner.config import ConfigError
-    from peft_tuner.distill import distill
-
-    recipes, overrides = recipe_and_overrides(args)
-    if len(recipes) != 1:
-        raise ConfigError(f"distill: give one recipe YAML (got {recipes or 'none'})")
-    flags = {"teachers": args.teachers, "rows": args.rows, "student_epochs": args.student_epochs, "parallel": args.parallel,
-             "dtype": args.dtype}
-    overrides += [f"distill.{k}={v}" for k, v in flags.items() if v is not None]
-    distill(recipes[0], args.out, overrides, processes=args.processes, overwrite=args.overwrite)
-    return 0
-
-
-def _generate(args) -> int:
-    from peft_tuner.modeling import load_for_inference
-    from peft_tuner.generate import chat_prompts, generate, read_prompts
-
-    from peft_tuner.config import ConfigError
-
-    cfg = resolve_config(args)
-    if args.system and not args.chat:
-        raise ConfigError("--system: goes with --chat QUESTION (a system message before each question)")
-    if args.chat and (args.prompt or args.prompt_file):
-        raise ConfigError("--chat: give questions with --chat, or plain prompts with --prompt / --prompt-file, not both")
-    prompts = args.chat or read_prompts(args.prompt, args.prompt_file)
-    model, tokenizer, _ = load_for_inference(cfg, args.model, args.adapter)
-    encoded, stops = chat_prompts(tokenizer, prompts, cfg, args.system) if args.chat else (None, None)
-    for prompt, outputs in zip(prompts, generate(model, tokenizer, prompts, cfg, args.seed, encoded, stops)):
-        print(json.dumps({"chat" if args.chat else "prompt": prompt, "outputs": outputs}, ensure_ascii=False))
-    return 0
-
-
-def _convert_loralib(args) -> int:
-    from peft_tuner.config import ConfigError
-    from peft_tuner.convert import convert_loralib
-
-    enable = None
-    if args.enable_lora:
-        words = [w.strip().lower() for w in args.enable_lora.split(",")]
-        if not set(words) <= {"true", "false"}:
-            raise ConfigError(f"--enable-lora {args.enable_lora}: write it as true/false per chunk, e.g. true,false,true")
-        enable = [w == "true" for w in words]
-    result = convert_loralib(args.checkpoint, args.base, args.out, r=args.r, alpha=args.alpha, enable_lora=enable,
-                             overwrite=args.overwrite)
-    print(f"converted {result['layers']} loralib layer(s) of {args.checkpoint} into the peft adapter {result['out_dir']} "
-          f"(r={result['peft_r']}, lora_alpha={result['peft_lora_alpha']}); use it with --adapter {result['out_dir']}")
-    return 0
-
-
-def _config(args) -> int:
-    from peft_tuner.config import describe, describe_markdown
-
-    print(describe_markdown() if args.markdown else describe(args.section), end="\n" if not args.markdown else "")
-    return 0
-
-
-def _prepare_model(args) -> int:
-    from peft_tuner.prepare import prepare_model
-
-    print(prepare_model(args.name, args.cache_dir))
-    return 0
-
-
-def _convert_gguf(args) -> int:
-    from peft_tuner.prepare import convert_gguf
-
-    print(convert_gguf(args.gguf_file, args.out_dir, overwrite=args.overwrite))
-    return 0
-
-
-def _make_chat_data(args) -> int:
-    from peft_tuner.chat_data import build_chat_set
-
-    from peft_tuner.data.sources import data_root
-
-    counts = build_chat_set(args.data or data_root(), args.out_dir, seed=args.seed, overwrite=args.overwrite)
-    for split, by_source in counts.items():
-        print(f"{Path(args.out_dir) / (split + '.jsonl')}: {sum(by_source.values())} conversations "
-              f"({', '.join(f'{n} {source}' for source, n in by_source.items())})")
-    return 0
-
-
-def _make_tiny(args) -> int:
-    from peft_tuner.tiny import build_tiny_model
-
-    print(build_tiny_model(args.out_dir, args.arch))
-    return 0
-
-
-def _demo(args) -> int:
-    from peft_tuner.demo import DEFAULT_RECIPE, run_demo
-
-    run_demo(args.recipe or DEFAULT_RECIPE, args.out, args.tiny, args.processes, list(args.items) + list(args.overrides),
-             args.test_rows)
-    return 0
 
 
 if __name__ == "__main__":

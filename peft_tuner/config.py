@@ -121,7 +121,8 @@ class TrainConfig:
     verify_adapter: bool = _help(True, "After saving, reload the adapter on rank 0 and check it reproduces the trained logits.")
     cpu_tuning: Union[str, bool, list[str]] = _help("auto", "On a machine without a GPU: auto (every CPU-only setting that fits the "
                                                       "run), off (none: torch's and glibc's defaults), or a list of onednn_cache, "
-                                                      "malloc, threads, dropout, short_rows_fp32, eager_scoring (docs/cpu.md). "
+                                                      "malloc, threads, dropout, short_rows_fp32, eager_scoring, where auto "
+                                                      "stands for all and -NAME takes one out ([auto, -malloc]); docs/cpu.md. "
                                                       "The start record lists what was set.")
     deepspeed_patches: bool = _help(True, "Use the faster replacements of DeepSpeed internals (ZeRO-3's release decisions) "
                                           "where DeepSpeed's version is one they were tested on; false: DeepSpeed's own code.")

@@ -31,8 +31,8 @@ def parse_override(item: str) -> tuple[str, Any]:
     except yaml.YAMLError as e:
         problem = str(getattr(e, "problem", None) or e).splitlines()[0]
         escaped = value.replace("'", "''")
-        raise ConfigError(f"override {key}: the value {value!r} is not valid YAML ({problem}). Quote it so that it is "
-                          f"read as text: {key}='{escaped}' inside double quotes on the shell, e.g. \"{key}='{escaped}'\"") from e
+        raise ConfigError(f"override {key}: the value {value!r} is not valid YAML ({problem}). Quote the value so that "
+                          f"YAML reads it as text; on the shell: \"{key}='{escaped}'\"") from e
 
 
 def flat_keys(root, raw: dict, prefix: str = "") -> list[str]:

@@ -24,7 +24,7 @@ def row_by_row_attention(module, query, key, value, attention_mask, cu_seq_lens_
     the rows run one at a time. SDPA alone would attend over the whole sequence under a block-diagonal mask, work
     that grows with the square of the whole length (8 rows of 200 tokens: 1600^2 against 8 x 200^2, 8 times more; a
     SmolLM2 forward + backward of such a batch took 10.56 s with the mask, 5.61 s row by row, on 2 CPU cores; for rows
-    of 30 tokens 1.01 s and 0.94 s: bench/packed_attention.py)."""
+    of 30 tokens 1.01 s and 0.94 s)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if cu_seq_lens_q is None or query.shape[0] != 1 or query.shape[2] != key.shape[2]:

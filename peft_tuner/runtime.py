@@ -108,17 +108,20 @@ _wanted: set[str] = set()
 
 
 def parse_cpu_tuning(value: Union[str, list, None]) -> tuple[str, set[str]]:
-    """(mode, the settings it asks for) of a train.cpu_tuning value: auto, off, or a list of SETTINGS; a ValueError
-    names an unknown one."""
+    """(mode, the settings it asks for) of a train.cpu_tuning value: auto, off, or a list of SETTINGS in which `auto`
+    stands for all of them and `-name` takes one out ([auto, -malloc]); a ValueError names an unknown one."""
     if value is True or value in (None, "auto"):  # YAML reads an unquoted on / yes / true as True
         return "auto", set(SETTINGS)
     if value is False or value in ("off", "none"):  # and off / no / false as False
         return "off", set()
-    names = [v.strip() for v in (value.split(",") if isinstance(value, str) else value)]
-    unknown = [n for n in names if n not in SETTINGS]
+    names = [str(v).strip() for v in (value.split(",") if isinstance(value, str) else value)]
+    unknown = [n for n in names if n.removeprefix("-") not in (*SETTINGS, "auto")]
     if unknown:
-        raise ValueError(f"{unknown} not among {', '.join(SETTINGS)} (or auto, off)")
-    return ",".join(names), set(names)
+        raise ValueError(f"{unknown} not among {', '.join(SETTINGS)} (or auto, off; -NAME takes one out of auto)")
+    wanted = set(SETTINGS) if "auto" in names else set()
+    wanted |= {n for n in names if n in SETTINGS}
+    wanted -= {n[1:] for n in names if n.startswith("-")}
+    return ",".join(names), wanted
 
 
 def configure_cpu(value: Union[str, list, None] = "auto") -> CpuTuning:

@@ -59,9 +59,9 @@ def test_typos_and_wrong_types_name_the_key(override, message):
 @pytest.mark.parametrize("value", ["Tweet text : {Tweet text} Label :", "{a", "[{text}, y"])
 def test_an_override_value_yaml_cannot_read_names_the_key_and_how_to_quote_it(value):
     """Colons and braces make a value YAML cannot read; the message names the key and the quoting that works."""
-    with pytest.raises(ConfigError, match="override data.prompt_template: the value .* is not valid YAML .* Quote it") as e:
+    with pytest.raises(ConfigError, match="override data.prompt_template: the value .* is not valid YAML .* Quote the value") as e:
         load_config(str(RECIPES[0]), [f"data.prompt_template={value}"])
-    quoted = str(e.value).split('e.g. "', 1)[1].rsplit('"', 1)[0]  # the override as the message writes it
+    quoted = str(e.value).split('on the shell: "', 1)[1].rsplit('"', 1)[0]  # the override as the message writes it
     assert load_config(str(RECIPES[0]), [quoted]).data.prompt_template == value
 
 

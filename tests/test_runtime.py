@@ -65,6 +65,9 @@ def test_cpu_tuning_takes_auto_off_or_a_list_of_its_settings(monkeypatch, cpu_ma
     assert runtime.parse_cpu_tuning("auto") == ("auto", set(runtime.SETTINGS))
     assert runtime.parse_cpu_tuning("off") == ("off", set())
     assert runtime.parse_cpu_tuning(["threads", "dropout"]) == ("threads,dropout", {"threads", "dropout"})
+    assert runtime.parse_cpu_tuning(["auto", "-malloc"])[1] == set(runtime.SETTINGS) - {"malloc"}
+    assert load_config(RECIPE, ["train.cpu_tuning=[auto, -malloc]"]).train.cpu_tuning == ["auto", "-malloc"]
+    assert runtime.parse_cpu_tuning(False) == runtime.parse_cpu_tuning("off")  # YAML reads `off` as false
     listed = load_config(RECIPE, ["train.cpu_tuning=[threads, dropout]"]).train.cpu_tuning
     assert runtime.parse_cpu_tuning(listed)[1] == runtime.parse_cpu_tuning("threads,dropout")[1] == {"threads", "dropout"}
     with pytest.raises(ConfigError, match=r"train.cpu_tuning: \['dropouts'\] not among onednn_cache, malloc"):
