@@ -266,6 +266,19 @@ def prior_matched_correct(record: dict) -> int:
     return sum(classes[int(i)] == gold for i, (gold, _) in zip(held.argmax(-1), record["rows"]))
 
 
+def pooled_f1(records: list[dict]) -> tuple[float, dict[str, float]]:
+    """Macro-F1 (RAFT's metric) and each class's recall over the rows of `records` pooled (one seed's folds)."""
+    pairs = [(gold, max(scores, key=scores.get)) for r in records for gold, scores in r["rows"]]
+    classes = sorted({g for g, _ in pairs} | {p for _, p in pairs})
+    f1s, recall = [], {}
+    for c in classes:
+        tp = sum(g == c and p == c for g, p in pairs)
+        predicted, actual = sum(p == c for _, p in pairs), sum(g == c for g, _ in pairs)
+        precision, recall[c] = tp / predicted if predicted else 0.0, tp / actual if actual else 0.0
+        f1s.append(2 * precision * recall[c] / (precision + recall[c]) if precision + recall[c] else 0.0)
+    return sum(f1s) / len(f1s), recall
+
+
 def summarise(records: list[dict]) -> dict[str, dict]:
     """Per setting: CV accuracy (mean over seeds of the pooled held-out accuracy), CV accuracy of the seed ensemble,
     dev accuracy per seed, dev accuracy of the seed ensemble; with unlabelled scores, CV and dev accuracy after prior
@@ -283,6 +296,9 @@ def summarise(records: list[dict]) -> dict[str, dict]:
             per_seed = [sum(r["accuracy"] * r["n"] for r in cv if r["seed"] == s) / sum(r["n"] for r in cv if r["seed"] == s)
                         for s in complete]
             entry["cv"] = per_seed
+            entry["cv_macro_f1"] = [pooled_f1([r for r in cv if r["seed"] == s])[0] for s in complete]
+            entry["cv_recall"] = {c: statistics.mean(pooled_f1([r for r in cv if r["seed"] == s])[1][c] for s in complete)
+                                  for c in pooled_f1(cv)[1]}
             if all("unlabelled_rows" in r for r in cv if r["seed"] in complete):
                 entry["cv_prior"] = [sum(prior_matched_correct(r) for r in cv if r["seed"] == s) /
                                      sum(r["n"] for r in cv if r["seed"] == s) for s in complete]
@@ -293,6 +309,7 @@ def summarise(records: list[dict]) -> dict[str, dict]:
         dev = sorted((r for r in mine if r["fold"] == "dev"), key=lambda r: r["seed"])
         if dev:
             entry["dev"] = {r["seed"]: r["accuracy"] for r in dev}
+            entry["dev_macro_f1"] = {r["seed"]: pooled_f1([r])[0] for r in dev}
             if all("unlabelled_rows" in r for r in dev):
                 entry["dev_prior"] = {r["seed"]: prior_matched_correct(r) / r["n"] for r in dev}
             if len(dev) > 1:
@@ -301,9 +318,31 @@ def summarise(records: list[dict]) -> dict[str, dict]:
     return out
 
 
-def choose(summary: dict[str, dict]) -> str:
-    """The setting (one model, as a recipe runs it) with the best mean CV accuracy over seeds. Dev plays no part."""
-    return max((statistics.mean(e["cv"]), name) for name, e in summary.items() if e.get("cv"))[1]
+def choose(summary: dict[str, dict], metric: str = "cv") -> str:
+    """The setting (one model, as a recipe runs it) with the best mean CV accuracy (`cv`) or macro-F1 (`cv_macro_f1`)
+    over seeds. Dev plays no part."""
+    return max((statistics.mean(e[metric]), name) for name, e in summary.items() if e.get(metric))[1]
+
+
+def f1_markdown(summary: dict[str, dict]) -> str:
+    """Macro-F1 first (RAFT's metric), accuracy and each class's recall beside it, for the settings with CV results."""
+    def stat(values) -> str:
+        values = list(values or [])
+        if not values:
+            return "-"
+        return f"{statistics.mean(values):.3f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.3f}"
+
+    classes = sorted({c for e in summary.values() for c in e.get("cv_recall", {})})
+    lines = ["| setting | overrides | seeds | CV macro-F1 | CV accuracy | " + " | ".join(f"CV recall: {c}" for c in classes)
+             + " | dev macro-F1 | dev accuracy |", "|---|---|---|---|---|" + "---|" * len(classes) + "---|---|"]
+    for name, e in summary.items():
+        if not e.get("cv"):
+            continue
+        overrides = (" ".join(e["overrides"]) or "(as is)").replace("|", "\\|")
+        recall = " | ".join(f"{e['cv_recall'].get(c, 0):.3f}" for c in classes)
+        lines.append(f"| {name} | `{overrides}` | {len(e['cv'])} | {stat(e['cv_macro_f1'])} | {stat(e['cv'])} | {recall} "
+                     f"| {stat((e.get('dev_macro_f1') or {}).values())} | {stat((e.get('dev') or {}).values())} |")
+    return "\n".join(lines)
 
 
 def markdown(summary: dict[str, dict]) -> str:
@@ -344,16 +383,20 @@ def main() -> None:
     parser.add_argument("--choose", type=int, metavar="SEEDS", help="then run on dev the CV-best setting with this many seeds")
     parser.add_argument("--summary", action="store_true", help="print the summary of --results and stop")
     parser.add_argument("--markdown", action="store_true", help="print the summary as a markdown table and stop")
+    parser.add_argument("--f1", action="store_true", help="with --markdown: macro-F1, accuracy and per-class recall")
+    parser.add_argument("--names", nargs="+", help="with --markdown: only the settings whose name starts with one of these")
+    parser.add_argument("--by", choices=["cv", "cv_macro_f1"], default="cv", help="what --choose maximises")
     args = parser.parse_args()
     sweep = Sweep(args)
     if args.markdown:
-        print(markdown(summarise(load(sweep.results))))
+        records = [r for r in load(sweep.results) if not args.names or r["name"].startswith(tuple(args.names))]
+        print((f1_markdown if args.f1 else markdown)(summarise(records)))
         return
     settings = json.loads(Path(args.spec).read_text()) if args.spec else []
     if not args.summary:
         sweep.run(settings, args.workers)
     if args.choose and not args.summary:
-        name = choose(summarise(load(sweep.results)))
+        name = choose(summarise([r for r in load(sweep.results) if r["name"] in {s["name"] for s in settings}]), args.by)
         setting = next(s for s in settings if s["name"] == name)
         print(f"chosen by CV: {name}", flush=True)
         sweep.run([{**setting, "name": f"chosen:{name}", "cv": 0, "dev": True, "seeds": list(range(1, args.choose + 1))}],

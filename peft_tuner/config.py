@@ -56,6 +56,7 @@ class DataConfig:
     loss_on: str = _help("assistant", "task=chat: which tokens are trained on: assistant (every assistant turn and its end-of-turn token), last_assistant (the last one only) or all (every token).")
     class_names: Optional[list[str]] = _help(None, "Class names in order; default: task.json, dataset features, or the sorted labels.")
     label_words: Optional[dict[str, str]] = _help(None, "Text the model writes for each class, if not the class name.")
+    label_boundary: str = _help("example", "Where the prompt ends and the label begins: example (the prompt with its trailing space, then the label encoded on its own, as the PEFT example does) or word (the prompt's trailing whitespace moved into the label, so the label starts with the tokenizer's own word token, as lm-evaluation-harness scores it).")
     max_length: int = _help(256, "Longest sequence in tokens; longer prompts lose their start, never the label.")
     empty_text: str = _help("drop", "What to do with empty or all-whitespace texts: drop (and count) or error.")
     max_rows: Optional[int] = _help(None, "Use only N rows of each split (quick runs): of a labelled split, N drawn at random (data.seed), so a file sorted by label still gives every class; of data.test_file and of plain text, the first N.")

@@ -29,14 +29,15 @@ def ignored_keys(cfg: Config, written: set[str]) -> list[str]:
         for key in ("chat_template", "system_prompt"):
             unused[f"data.{key}"] = f"data.task={cfg.data.task} without data.chat_format"
     if cfg.data.task in ("completion", "chat"):
-        for key in ("label_words", "class_names", "label_column", "empty_text", "text_column"):
+        for key in ("label_words", "class_names", "label_column", "empty_text", "text_column", "label_boundary"):
             unused[f"data.{key}"] = f"data.task={cfg.data.task}"
         for key in ("calibrate", "match_prior", "prior_rows", "method"):
             unused[f"eval.{key}"] = f"data.task={cfg.data.task} (evaluated by loss, perplexity and generation)"
     if cfg.data.task == "chat":
         unused["data.prompt_template"] = "data.task=chat (the chat template renders the messages)"
     if cfg.data.task == "text":
-        for key in ("prompt_template", "label_words", "class_names", "label_column", "id_column", "empty_text", "chat_format"):
+        for key in ("prompt_template", "label_words", "class_names", "label_column", "id_column", "empty_text", "chat_format",
+                    "label_boundary"):
             unused[f"data.{key}"] = "data.task=text"
         for key in ("calibrate", "match_prior", "prior_rows", "method"):
             unused[f"eval.{key}"] = "data.task=text (evaluated by loss and perplexity)"
@@ -56,6 +57,8 @@ def validate(cfg: Config) -> list[str]:
           f"data.loss_on: '{cfg.data.loss_on}' is not one of assistant, last_assistant, all")
     check(not (cfg.data.chat_format and cfg.data.task == "text"), "data.chat_format: plain text has no turns; set data.task=chat for conversations")
     check(cfg.data.empty_text in ("drop", "error"), f"data.empty_text: '{cfg.data.empty_text}' is not one of drop, error")
+    check(cfg.data.label_boundary in ("example", "word"),
+          f"data.label_boundary: '{cfg.data.label_boundary}' is not one of example, word")
     check(cfg.data.max_length >= 8, f"data.max_length: {cfg.data.max_length} is too short; use at least 8 tokens")
     check(cfg.data.max_rows is None or cfg.data.max_rows > 0, "data.max_rows: must be positive")
     check(0 <= cfg.data.eval_fraction < 1, "data.eval_fraction: must be in [0, 1)")

@@ -11,7 +11,7 @@ from peft_tuner import checkpoint as ckpt
 from peft_tuner import distributed as dist
 from peft_tuner import ds_config as ds_config_for
 from peft_tuner.config import Config, ConfigError, evaluates_during_training
-from peft_tuner.data import (DataError, Encoder, SftEncoder, build_sft_task, build_task, encode_sft_rows,
+from peft_tuner.data import (DataError, Encoder, SftEncoder, boundary_advice, build_sft_task, build_task, encode_sft_rows,
                              encode_training_rows, prepare_split, read_table, sft_rows, text_blocks)
 from peft_tuner.errors import PeftTunerError
 from peft_tuner.modeling import check_peft_applies, load_tokenizer, model_hidden_size
@@ -29,6 +29,7 @@ class TrainData:
     eval_rows: list = field(default_factory=list)  # classification: labelled rows, rank-classified after each epoch
     eval_blocks: list = field(default_factory=list)  # text, completion, chat: examples whose loss and perplexity are measured
     from_cache: bool = False  # the examples were read from the tokenization cache
+    notes: list = field(default_factory=list)  # what the user should know about the data's encoding (said at the start)
 
 
 @dataclass
@@ -126,8 +127,10 @@ def setup_data(cfg: Config, tokenizer) -> Optional[TrainData]:
     eval_rows = []
     if eval_table is not None:
         eval_rows = prepare_split(task, eval_table, cfg.data, require_labels=True, role="eval").rows
+    advice = boundary_advice(task, tokenizer)
     return TrainData(examples=examples, task=task.to_dict(), rows=len(examples), dropped_empty=split.dropped_empty,
-                     truncated=truncated, encoder=encoder, eval_rows=eval_rows, from_cache=from_cache)
+                     truncated=truncated, encoder=encoder, eval_rows=eval_rows, from_cache=from_cache,
+                     notes=[advice] if advice else [])
 
 
 def setup_sft_data(cfg: Config, tokenizer, table, eval_table) -> TrainData:

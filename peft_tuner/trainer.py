@@ -119,11 +119,14 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, problems: 
              f"{cfg.train.batch_size} x {cfg.train.gradient_accumulation} accumulation x {world} | {steps_per_epoch} "
              f"steps/epoch x {cfg.train.epochs} epochs = {total_steps} steps" + (f" | {autocast} autocast" if autocast else "")
              + (f" | resuming after step {start_step}" if start_step else ""))
+    for note in data.notes:
+        log.line(f"note: {note}")
     log.record({"event": "start", "model": cfg.model.name_or_path, "method": cfg.peft.method, "trainable_params": trainable,
                 "total_params": total, "world_size": world, "zero_stage": stage, "launcher": launcher,
                 "compiled": cfg.train.compile, "autocast": autocast, "optimizer": optimizer_name(engine),
                 "cpu_threads": torch.get_num_threads(), "cpu_tuning": runtime.cpu_tuning().record(), "deepspeed_patches": patches,
-                "zero3_leaf_modules": leaf_modules, "packed_attention": packed_attention, "rows": data.rows,
+                "zero3_leaf_modules": leaf_modules, "packed_attention": packed_attention,
+                "label_boundary": (data.task or {}).get("label_boundary"), "notes": data.notes, "rows": data.rows,
                 "dropped_empty": data.dropped_empty, "truncated": data.truncated, "tokenized_from_cache": data.from_cache,
                 "total_steps": total_steps, "start_step": start_step})
 

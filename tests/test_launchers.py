@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow  # trains in subprocesses (pytest -m "not slow" le
 
 # launcher, ZeRO stage, architecture, DeepSpeed file (default zero<stage>.json), overrides: every family and stage is
 # covered across the launchers, and optimizer + parameter offload, gradient checkpointing and the accuracy after each epoch
-# (rank classification inside the ZeRO-3 engine) and NEFTune noise ride along.
+# (rank classification inside the ZeRO-3 engine), NEFTune noise and the word label boundary ride along.
 RUNS = [
     ("deepspeed", 2, "gpt2", None, ()),
     ("deepspeed", 3, "llama", None, ()),
@@ -31,7 +31,7 @@ RUNS = [
     ("mpirun", 2, "llama", None, ("model.gradient_checkpointing=true",)),
     ("mpirun", 3, "gpt2", None, ("model.gradient_checkpointing=true", "train.lr_scheduler=cosine", "train.warmup_ratio=0.2")),
     ("accelerate", 2, "opt", None, ("train.neftune_alpha=5",)),
-    ("accelerate", 3, "bloom", None, ()),
+    ("accelerate", 3, "bloom", None, ("data.label_boundary=word",)),
 ]
 PORT_FLAGS = ("--master_port", "--main_process_port", "MASTER_PORT")  # deepspeed and torchrun, accelerate, mpirun
 LOSS_TOLERANCE = 1e-4  # 1 process vs 2 under ZeRO-3, same seed and global batch: fp32 reduction order only (seen: 1e-5)
@@ -60,6 +60,8 @@ def test_launcher_trains_and_saves_a_loadable_adapter(trained, tiny_models, data
     assert tuning["onednn_cache"] == "16"  # set before the first kernel (runtime.configure_cpu)
     assert patches == {"state": "on", "zero3_release": "indexed" if stage == 3 else None}  # deepspeed_patches
     assert start["optimizer"] == "AdamW (fused)"  # the client AdamW, fused, stepping DeepSpeed's partitions
+    boundary = "word" if "data.label_boundary=word" in extra else "example"
+    assert start["label_boundary"] == boundary and (boundary == "word") != bool(start["notes"]), start["notes"]
     if launcher == "deepspeed":  # no OMP_NUM_THREADS: the 2 processes on this machine take half the cores each
         alone = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"], check=True,
                                capture_output=True, text=True, env={k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"})

@@ -3,6 +3,11 @@
 Classification follows the reference recipe: input = prompt + label text + EOS, labels -100 on the prompt and on
 padding, left padding to the longest sequence of the batch. A prompt longer than `max_length` loses its start; the end
 of the template (`Label : `) and the label always stay.
+
+Where the prompt ends and the label begins (data.label_boundary): `example`, as the PEFT example tokenizes, encodes the
+prompt with its trailing space and the label after it ('Label', ' :', ' ' + 'compl', 'aint'); `word` moves the
+prompt's trailing whitespace into the label, as lm-evaluation-harness does with a context's, so the label starts with
+the tokenizer's own word token (' :' + ' complaint').
 """
 from __future__ import annotations
 
@@ -29,13 +34,27 @@ class ClassificationTask:
     label_words: dict[str, str]  # class name -> the text the model writes for it
     chat_template: Optional[str] = None  # data.chat_format: the prompt is a user turn of this template
     system_prompt: Optional[str] = None
+    label_boundary: str = "example"  # data.label_boundary: example or word
 
     @property
     def template_columns(self) -> list[str]:
         return template_columns(self.prompt_template)
 
+    @property
+    def moved_whitespace(self) -> str:
+        """The template's trailing whitespace, which the `word` boundary moves from the prompt into each label (in a
+        chat the assistant's turn starts on its own, so there it is dropped from the prompt and given to no label)."""
+        if self.label_boundary != "word":
+            return ""
+        return self.prompt_template[len(self.prompt_template.rstrip()):]
+
     def prompt(self, row: dict) -> str:
-        return fill_template(self.prompt_template, row)
+        text = fill_template(self.prompt_template, row)
+        return text[:len(text) - len(self.moved_whitespace)] if self.moved_whitespace else text
+
+    def label_text(self, name: str) -> str:
+        """What follows the prompt for class `name`: its label words, after the moved whitespace (word boundary)."""
+        return ("" if self.chat_template else self.moved_whitespace) + self.label_words[name]
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -91,7 +110,8 @@ def build_task(cfg: DataConfig, table: Table, tokenizer=None) -> ClassificationT
     unknown_words = set(cfg.label_words or {}) - set(class_names)
     if unknown_words:
         raise DataError(f"data.label_words: {sorted(unknown_words)} are not classes; the classes are {class_names}")
-    task = ClassificationTask(text_column, label_column, template, list(class_names), label_words)
+    task = ClassificationTask(text_column, label_column, template, list(class_names), label_words,
+                              label_boundary=cfg.label_boundary)
     if cfg.chat_format and tokenizer is not None:
         from peft_tuner.data.chat import resolve_chat_template
 
@@ -192,7 +212,7 @@ class Encoder:
 
             self.prefix, self.tail = user_turn_wrapping(self.tokenizer, self.task.chat_template, self.task.system_prompt)
             end = end_of_turn_ids(self.tokenizer, self.task.chat_template)[:1] or end
-        self.label_ids = {name: self._plain(word) + end for name, word in self.task.label_words.items()}
+        self.label_ids = {name: self._label_tokens(name) + end for name in self.task.label_words}
         suffix = self.task.prompt_template.rsplit("}", 1)[-1]
         self.suffix_len = len(self._plain(suffix)) + 1 if suffix else 0  # +1: a merge across the boundary
         longest = max(len(ids) for ids in self.label_ids.values())
@@ -204,6 +224,17 @@ class Encoder:
 
     def _plain(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _label_tokens(self, name: str) -> list[int]:
+        """The label's tokens. At the `example` boundary, the label encoded on its own, as the PEFT example does; at
+        the `word` boundary, as they come after the prompt's end when both are encoded together (the harness's rule:
+        the whole's tokens past the context's), so that a tokenizer's own word tokens are used."""
+        text = self.task.label_text(name)
+        if self.task.label_boundary != "word":
+            return self._plain(text)
+        context = self.task.prompt_template.rstrip().rsplit("}", 1)[-1] or "x"
+        before, whole = self._plain(context), self._plain(context + text)
+        return whole[len(before):] if whole[:len(before)] == before else self._plain(text)
 
     def prompt_ids(self, row: dict, reserve: Optional[int] = None) -> tuple[list[int], bool]:
         """Prompt tokens, cut at the start to leave `reserve` tokens for the label; returns (ids, was_cut)."""
@@ -218,6 +249,23 @@ class Encoder:
         label_ids = self.label_ids[row[self.task.label_column]]
         prompt, cut = self.prompt_ids(row, reserve=len(label_ids))
         return {"input_ids": prompt + label_ids, "labels": [IGNORE_INDEX] * len(prompt) + label_ids}, cut
+
+
+def boundary_advice(task: ClassificationTask, tokenizer) -> Optional[str]:
+    """A plain word when the `example` boundary splits the model's own words: the prompt ends with whitespace and the
+    tokenizer writes a word together with the space before it (byte-level BPE's 'Ġ', SentencePiece's '▁'), so the
+    label starts after a lone space token and its first word is cut into pieces the model rarely saw. None otherwise."""
+    if task.label_boundary != "example" or task.chat_template or task.prompt_template == task.prompt_template.rstrip():
+        return None
+    name = task.class_names[0]
+    word = task.label_words[name]
+    own = tokenizer.convert_ids_to_tokens(tokenizer(" " + word.lstrip(), add_special_tokens=False)["input_ids"])
+    apart = tokenizer.convert_ids_to_tokens(tokenizer(word, add_special_tokens=False)["input_ids"])
+    if not own or own == apart or own[0][:1] not in ("Ġ", "▁"):
+        return None
+    return (f"data.label_boundary=example: the prompt ends with a space and this tokenizer writes a word with the space "
+            f"before it ({own}), so each label follows a lone space token and starts as {apart}; "
+            f"data.label_boundary=word gives the label the model's own word tokens")
 
 
 def encode_training_rows(encoder: Encoder, rows: list[dict], cache: bool = False) -> tuple[list[dict], int, bool]:
