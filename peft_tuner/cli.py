@@ -1,6 +1,6 @@
 """The `peft-tuner` command: every verb, and how its config is resolved.
 
-    train | merge | evaluate | pseudo-label | distill | generate | convert-loralib | config | prepare-model |
+    train | merge | evaluate | pseudo-label | distill | generate | export | convert-loralib | config | prepare-model |
     convert-gguf | make-chat-data | make-tiny-model | demo
 
 A verb takes a recipe YAML (or, after training, the config saved beside --adapter / --model) and `section.key=value`
@@ -139,6 +139,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="adapter folder to write (must be empty unless --overwrite)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(run=verbs.convert_loralib)
+
+    p = sub.add_parser("export", help="write GGUF files for llama.cpp and Ollama (with a Modelfile), the adapter alone "
+                       "as a GGUF LoRA, and the vLLM command, from an adapter or a merged folder")
+    _add_items(p, example="model.name_or_path=BASE")
+    _add_model_flags(p)
+    p.add_argument("--out", required=True, help="folder for the files (must be empty unless --overwrite)")
+    p.add_argument("--dtype", action="append", help="f16 (default), bf16, q8_0 or f32; repeat for several files")
+    p.add_argument("--lora", action="store_true", help="also the adapter alone as a GGUF LoRA (llama.cpp --lora)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(run=verbs.export)
 
     p = sub.add_parser("config", help="list every config key with its type, default and help (of one section)")
     p.add_argument("section", nargs="?", help="model, data, peft, train, eval, generate, distill (default: all)")

@@ -145,6 +145,16 @@ def convert_loralib(args) -> int:
     return 0
 
 
+def export(args) -> int:
+    from peft_tuner.export import export
+
+    report = export(resolve_config(args), args.out, adapter_dir=args.adapter, model_dir=args.model,
+                    dtypes=tuple(args.dtype or ["f16"]), lora=args.lora, overwrite=args.overwrite)
+    print(f"export | {len(report['files'])} GGUF file(s) in {args.out} | {report['seconds']} s | report: "
+          f"{Path(args.out) / 'export_report.json'}")
+    return 0
+
+
 def config(args) -> int:
     from peft_tuner.config import describe, describe_markdown
 
