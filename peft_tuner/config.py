@@ -35,6 +35,10 @@ class ModelConfig:
     dtype: str = _help("fp32", "Weights dtype for training: fp32, bf16 or fp16.")
     gradient_checkpointing: bool = _help(False, "Recompute activations in backward to save memory.")
     trust_remote_code: bool = _help(False, "Allow model code from the model folder (hub models with custom code).")
+    quantization: str = _help("none", "Load the base model quantized (QLoRA) through bitsandbytes: none, nf4, fp4 (4-bit) or int8; the adapter trains in full precision on top (docs/qlora.md).")
+    double_quant: bool = _help(True, "4-bit: quantize the quantization constants too (QLoRA's double quantization).")
+    compute_dtype: Optional[str] = _help("auto", "4-bit: the dtype the quantized layers compute in: bf16, fp16, fp32, or auto (bf16 where the machine computes it natively, else fp32).")
+    quant_storage: Optional[str] = _help("auto", "4-bit: the dtype the packed weights are stored as: uint8, bf16, fp16, fp32, or auto (the compute dtype under ZeRO-3, so DeepSpeed partitions them; else uint8).")
 
 
 @dataclass
@@ -138,6 +142,7 @@ class EvalConfig:
     calibrate: bool = _help(False, "Divide class probabilities by their content-free prior (rank method).")
     match_prior: bool = _help(False, "Rank method: offset the class scores so that, over the first eval.prior_rows rows of data.test_file (no labels needed), the mean predicted class shares equal the shares of the training labels: takes out the model's lean towards a class.")
     prior_rows: int = _help(400, "Unlabelled rows of data.test_file that eval.match_prior measures the lean on.")
+    quantization: Optional[str] = _help(None, "The base model's quantization for evaluate and generate: none, nf4, fp4, int8; null follows model.quantization (an adapter then stays unmerged on the quantized base).")
     metric_for_best: Optional[str] = _help(None, "What marks the best evaluation during training (best_adapter/, early stopping): accuracy, eval_loss or perplexity; default accuracy for classification, eval_loss otherwise.")
     dtype: Optional[str] = _help(None, "Weights dtype for evaluation and generation: fp32, bf16, fp16, or auto (bf16 where "
                                        "this machine computes it natively: a GPU that supports it, a CPU with AVX-512 BF16 "

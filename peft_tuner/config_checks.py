@@ -6,6 +6,7 @@ import difflib
 
 from peft_tuner.config import (PEFT_METHODS, PROMPT_LEARNING_METHODS, TASKS, TRACKERS, Config,
                                evaluates_during_training)
+from peft_tuner.quantization import QUANTIZATIONS
 
 
 def ignored_keys(cfg: Config, written: set[str]) -> list[str]:
@@ -52,6 +53,12 @@ def validate(cfg: Config) -> list[str]:
             problems.append(message)
 
     check(cfg.model.dtype in ("fp32", "bf16", "fp16"), f"model.dtype: '{cfg.model.dtype}' is not one of fp32, bf16, fp16")
+    for key, value in (("model.quantization", cfg.model.quantization), ("eval.quantization", cfg.eval.quantization or "none")):
+        check(value in QUANTIZATIONS, f"{key}: '{value}' is not one of {', '.join(QUANTIZATIONS)}")
+    check(cfg.model.compute_dtype in ("auto", "bf16", "fp16", "fp32"),
+          f"model.compute_dtype: '{cfg.model.compute_dtype}' is not one of auto, bf16, fp16, fp32")
+    check(cfg.model.quant_storage in ("auto", "uint8", "bf16", "fp16", "fp32"),
+          f"model.quant_storage: '{cfg.model.quant_storage}' is not one of auto, uint8, bf16, fp16, fp32")
     check(cfg.data.task in TASKS, f"data.task: '{cfg.data.task}' is not one of {', '.join(TASKS)}")
     check(cfg.data.loss_on in ("assistant", "last_assistant", "all"),
           f"data.loss_on: '{cfg.data.loss_on}' is not one of assistant, last_assistant, all")

@@ -2,6 +2,7 @@
 dtype asked for as a standalone folder that plain transformers loads (no peft needed)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -12,6 +13,7 @@ from peft_tuner.checkpoint import ADAPTER_CONFIG_FILE, TASK_FILE, replace_dir
 from peft_tuner.config import Config
 from peft_tuner.errors import PeftTunerError
 from peft_tuner.modeling import DTYPES, load_base_model, load_tokenizer
+from peft_tuner.quantization import quantized
 
 UNMERGEABLE = {"PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "CPT"}
 PROBE_TEXTS = ["Tweet text : my order never came Label : ", "The weather today is", "Hello"]
@@ -48,8 +50,9 @@ def merge(cfg: Config, adapter_dir: str | Path, out_dir: str | Path, dtype: str 
     from peft import PeftModel
 
     tokenizer = load_tokenizer(cfg.model)
-    model = PeftModel.from_pretrained(load_base_model(cfg.model, dtype="fp32"), str(adapter_dir)).eval()
     probe = tokenizer(PROBE_TEXTS, return_tensors="pt", padding=True)
+    full_precision = dataclasses.replace(cfg.model, quantization="none")  # a QLoRA adapter merges into the fp32 base
+    model = PeftModel.from_pretrained(load_base_model(full_precision, dtype="fp32"), str(adapter_dir)).eval()
     with torch.no_grad():
         expected = model(**probe).logits
         merged = model.merge_and_unload()
@@ -68,5 +71,22 @@ def merge(cfg: Config, adapter_dir: str | Path, out_dir: str | Path, dtype: str 
         if (adapter_dir / name).is_file():
             shutil.copy(adapter_dir / name, tmp / name)
     replace_dir(tmp, out_dir)
-    return {"out_dir": str(out_dir), "max_logit_diff": difference, "dtype": dtype,
-            "parameters": sum(p.numel() for p in merged.parameters())}
+    result = {"out_dir": str(out_dir), "max_logit_diff": difference, "dtype": dtype,
+              "parameters": sum(p.numel() for p in merged.parameters())}
+    if quantized(cfg.model):
+        del model, merged
+        result["quantized_max_logit_diff"] = against_quantized(cfg, adapter_dir, out_dir, probe)
+    return result
+
+
+def against_quantized(cfg: Config, adapter_dir: Path, merged_dir: Path, probe: dict) -> float:
+    """A QLoRA adapter was trained on the quantized base: the largest |logit| difference between that model (the
+    quantized base with the adapter) and the merged full-precision folder, which is what merging gives up."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    trained = PeftModel.from_pretrained(load_base_model(cfg.model), str(adapter_dir)).eval()
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        difference = (trained(**probe).logits.float() - merged(**probe).logits).abs()
+    return float(difference[probe["attention_mask"].bool()].max())

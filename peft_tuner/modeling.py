@@ -119,12 +119,17 @@ _CJK = "\u2e80-\u9fff\uac00-\ud7af\uf900-\ufaff\uff00-\uffef\u3000-\u303f"
 _CJK_GAP = re.compile(f"(?<=[{_CJK}]) +(?=[{_CJK}])")
 
 
-def load_base_model(cfg: ModelConfig, dtype: Optional[str] = None):
+def load_base_model(cfg: ModelConfig, dtype: Optional[str] = None, zero_stage: Optional[int] = None):
+    """The base model in `dtype` (else model.dtype), quantized where model.quantization says so (peft_tuner.quantization;
+    `zero_stage` decides how the packed weights are stored)."""
     from transformers import AutoModelForCausalLM
+
+    from peft_tuner.quantization import bnb_config
 
     source, gguf_file = resolve_model_source(cfg)
     model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file, dtype=DTYPES[dtype or cfg.dtype],
-                                                 trust_remote_code=cfg.trust_remote_code)
+                                                 trust_remote_code=cfg.trust_remote_code,
+                                                 quantization_config=bnb_config(cfg, zero_stage))
     if gguf_file is not None:
         # Dequantized GGUF weights are plain tensors; transformers still marks the model "quantized" and refuses training.
         model.hf_quantizer = None
@@ -164,7 +169,10 @@ def load_trained_model(model_cfg: ModelConfig, trained_dir, dtype: Optional[str]
 
     if not (trained_dir / "config.json").is_file():
         raise ModelError(f"{trained_dir}: neither an adapter (adapter_config.json) nor a model folder (config.json)")
-    return contiguous_head_inputs(AutoModelForCausalLM.from_pretrained(str(trained_dir), dtype=DTYPES[dtype or model_cfg.dtype]))
+    from peft_tuner.quantization import bnb_config
+
+    return contiguous_head_inputs(AutoModelForCausalLM.from_pretrained(str(trained_dir), dtype=DTYPES[dtype or model_cfg.dtype],
+                                                                       quantization_config=bnb_config(model_cfg)))
 
 
 def load_for_inference(cfg: Config, model_dir: Optional[str] = None, adapter_dir: Optional[str] = None):
@@ -173,27 +181,29 @@ def load_for_inference(cfg: Config, model_dir: Optional[str] = None, adapter_dir
     turns the generation cache off.
 
     A LoRA-like adapter is merged in memory, in fp32 (as exact as base + adapter), and the merged model is cast to
-    eval.dtype (else model.dtype): it runs as fast as the base model. Prompt-learning adapters stay wrapped."""
+    eval.dtype (else model.dtype): it runs as fast as the base model. Prompt-learning adapters stay wrapped, and so does
+    any adapter on a quantized base (eval.quantization, else model.quantization)."""
     from transformers import AutoTokenizer
 
     from peft_tuner.runtime import configure_cpu, eval_dtype
 
     configure_cpu(cfg.train.cpu_tuning)
     dtype = eval_dtype(cfg)
-    model_cfg = dataclasses.replace(cfg.model, gradient_checkpointing=False)
+    quantization = cfg.eval.quantization if cfg.eval.quantization is not None else cfg.model.quantization
+    model_cfg = dataclasses.replace(cfg.model, gradient_checkpointing=False, quantization=quantization)
+    quantized = quantization not in (None, "none")
     if adapter_dir and not (Path(adapter_dir) / "adapter_config.json").is_file() \
             and (Path(adapter_dir) / "config.json").is_file():
         model_dir, adapter_dir = adapter_dir, None
     if adapter_dir:
         if not (Path(adapter_dir) / "adapter_config.json").is_file():
             raise ModelError(f"--adapter {adapter_dir}: no adapter_config.json there")
-        model = load_trained_model(model_cfg, adapter_dir, "fp32")
+        model = load_trained_model(model_cfg, adapter_dir, dtype if quantized else "fp32")
         kind = model.peft_config["default"].peft_type.value.lower()
         tokenizer = AutoTokenizer.from_pretrained(adapter_dir) if (Path(adapter_dir) / "tokenizer_config.json").is_file() \
             else load_tokenizer(model_cfg)
-        if not is_prompt_learning(model):
-            model = model.merge_and_unload()
-        model = model.to(DTYPES[dtype])
+        if not quantized:
+            model = (model if is_prompt_learning(model) else model.merge_and_unload()).to(DTYPES[dtype])
     elif model_dir:
         if not (Path(model_dir) / "config.json").is_file():
             raise ModelError(f"--model {model_dir}: no config.json there; give a merged model folder")
@@ -275,6 +285,10 @@ def build_peft_model(model, settings: PeftSettings, model_cfg: ModelConfig, tota
         for p in model.parameters():
             p.requires_grad_(True)
         return model
+    if getattr(model, "is_quantized", False) and getattr(model, "hf_quantizer", None) is not None:
+        from peft_tuner.quantization import prepare_for_training
+
+        model = prepare_for_training(model, model_cfg.gradient_checkpointing)
     common = dict(task_type=peft.TaskType.CAUSAL_LM)
     if settings.method in ("lora", "adalora", "ia3"):
         common["target_modules"] = resolve_target_modules(model, settings)

@@ -30,6 +30,7 @@ from peft_tuner.modeling import (DTYPES, add_neftune_noise, build_peft_model, co
                                  keep_adalora_mask, load_base_model)
 from peft_tuner.packed_attention import attend_row_by_row, check_padding_free, packed_attention_name
 from peft_tuner.preflight import TrainData, preflight
+from peft_tuner.quantization import footprint_gb, partitioned_weights, quantized
 from peft_tuner.sampler import epoch_order, global_batch_indices, rank_share
 from peft_tuner.trackers import RunLog, open_trackers
 from peft_tuner.validation import BestSoFar, evaluate_during_training
@@ -86,11 +87,15 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, problems: 
     runtime.map_gathered_weights_apart(stage)
     patches = deepspeed_patches.apply(cfg.train.deepspeed_patches, stage)
     with dist.partitioned_loading(checked.ds_config, enabled=stage == 3 and cfg.train.zero3_init):
-        model = build_peft_model(load_base_model(cfg.model), cfg.peft, cfg.model, total_steps)
+        base = load_base_model(cfg.model, zero_stage=stage)
+        quantization = {"kind": cfg.model.quantization, "base_memory_gb": footprint_gb(base)} if quantized(cfg.model) else None
+        model = build_peft_model(base, cfg.peft, cfg.model, total_steps)
     add_neftune_noise(model, cfg.train.neftune_alpha, padding_free=cfg.train.padding_free)
     trainable, total = count_parameters(model)
     engine = setup_engine(model, checked.ds_config, cfg, total_steps)
     leaf_modules = backward_through_leaf_modules(engine.module) if stage == 3 else 0
+    if quantization:
+        quantization["partitioned_weights"], quantization["quantized_weights"] = partitioned_weights(engine.module)
     packed_attention = setup_padding_free(engine, cfg, data, tokenizer) if cfg.train.padding_free else None
     runtime.use_fast_dropout(engine.module)
     if cfg.train.compile:
@@ -126,7 +131,8 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, problems: 
                 "compiled": cfg.train.compile, "autocast": autocast, "optimizer": optimizer_name(engine),
                 "cpu_threads": torch.get_num_threads(), "cpu_tuning": runtime.cpu_tuning().record(), "deepspeed_patches": patches,
                 "zero3_leaf_modules": leaf_modules, "packed_attention": packed_attention,
-                "label_boundary": (data.task or {}).get("label_boundary"), "notes": data.notes, "rows": data.rows,
+                "label_boundary": (data.task or {}).get("label_boundary"), "notes": data.notes,
+                "quantization": quantization, "rows": data.rows,
                 "dropped_empty": data.dropped_empty, "truncated": data.truncated, "tokenized_from_cache": data.from_cache,
                 "total_steps": total_steps, "start_step": start_step})
 
@@ -148,7 +154,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, problems: 
     if dist.is_main():
         (Path(cfg.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
     engine.destroy()  # its hooks keep it, and through it every process group, alive (see dist.shutdown)
-    del engine, model, run
+    del engine, model, base, run
     dist.shutdown()
     return summary
 

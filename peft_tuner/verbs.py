@@ -71,10 +71,15 @@ def train(args) -> int:
 def merge(args) -> int:
     from peft_tuner.merge import merge
 
-    result = merge(resolve_config(args), args.adapter, args.out, dtype=args.dtype, overwrite=args.overwrite,
+    cfg = resolve_config(args)
+    result = merge(cfg, args.adapter, args.out, dtype=args.dtype, overwrite=args.overwrite,
                    max_shard_size=args.max_shard_size)
     print(f"merged {args.adapter} into {result['out_dir']} ({result['parameters']:,} parameters, {result['dtype']}); "
           f"largest |logit| difference to base+adapter: {result['max_logit_diff']:.2e}")
+    if "quantized_max_logit_diff" in result:
+        print(f"the adapter was trained on a {cfg.model.quantization} base; merged into the full-precision base instead "
+              f"(not into dequantized weights): largest |logit| difference to the quantized model it was trained on "
+              f"{result['quantized_max_logit_diff']:.2e}")
     return 0
 
 
