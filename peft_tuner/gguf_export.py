@@ -185,7 +185,19 @@ def add_tokenizer(writer, model_dir: Path, vocab_size: int) -> None:
     writer.add_tokenizer_pre(pre_tokenizer_name(spec.get("pre_tokenizer")))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=vocab_size).add_to_gguf(writer, quiet=True)
+    special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=vocab_size)
+    if "bos" not in special.add_special_token:  # said explicitly, as llama.cpp's converter does: its default differs
+        plain = tokenizer("hello", add_special_tokens=False)["input_ids"]
+        special.add_special_token["bos"] = tokenizer("hello")["input_ids"][:1] != plain[:1]
+    special.add_to_gguf(writer, quiet=True)
+    if spec.get("pre_tokenizer", {}).get("type") in ("ByteLevel", "Sequence"):
+        writer.add_add_space_prefix(bool(_byte_level(spec).get("add_prefix_space", False)))
+
+
+def _byte_level(spec: dict) -> dict:
+    pre = spec.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [pre])
+    return next((s for s in steps if s.get("type") == "ByteLevel"), {})
 
 
 def pre_tokenizer_name(pre: Optional[dict]) -> str:
