@@ -11,6 +11,7 @@ from peft_tuner import distributed as dist
 from peft_tuner.config import Config
 from peft_tuner.data import collate
 from peft_tuner.modeling import is_prompt_learning, load_trained_model
+from peft_tuner.quantization import keep_training_layout
 
 
 def setup_engine(model, ds_config: dict, cfg: Config, total_steps: int):
@@ -83,10 +84,11 @@ def verify_adapter(engine, cfg: Config, examples: list[dict], tokenizer, adapter
     engine.train()
     difference = None
     if dist.is_main():
-        reloaded = load_trained_model(cfg.model, adapter_dir).eval()
+        reloaded = keep_training_layout(load_trained_model(cfg.model, adapter_dir).eval())  # a quantized base's kernels
         engine_dtypes = {name: p.dtype for name, p in engine.module.named_parameters()}
         for name, p in reloaded.named_parameters():  # buffers (rotary frequencies) keep their dtype, as the engine's do
-            p.data = p.data.to(engine_dtypes.get(name, p.dtype))
+            if type(p) is torch.nn.Parameter:  # a quantized weight's packed data is no number to cast
+                p.data = p.data.to(engine_dtypes.get(name, p.dtype))
         with torch.no_grad():
             again = reloaded(**inputs).logits[:, -length:].float()
         mask = batch["attention_mask"].bool()

@@ -73,11 +73,38 @@ def check_quantization(model_cfg, method: str, zero_stage: Optional[int]) -> Opt
 
 
 def prepare_for_training(model, gradient_checkpointing: bool):
-    """peft's preparation of a k-bit model: norms and the head in fp32, the embeddings' output requiring grad."""
+    """peft's preparation of a k-bit model: norms and the head in fp32, the embeddings' output requiring grad. And on a
+    CPU with AVX-512 BF16, bitsandbytes repacks a 4-bit weight for its inference kernel the first time the layer runs
+    in eval mode without gradients (an evaluation, the padding-free check), in place, and the repacked weight then
+    trains wrongly (SmolLM2, nf4, padding-free: the loss rose from 9.8 to 11.4 where it fell to 7.4 without the
+    check): a model that trains keeps the layout it trains with."""
     from peft import prepare_model_for_kbit_training
 
+    keep_training_layout(model)
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
                                            gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def keep_training_layout(model):
+    """For a model that trains (prepare_for_training), on the CPU: no in-place repacking of its 4-bit weights, and a
+    forward without gradients (an evaluation, a check) through bitsandbytes' training kernel, since its CPU inference
+    kernel reads the packed weights as uint8 and fails on ZeRO-3's storage in the compute dtype."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu") and not getattr(module, "_peft_tuner_training_kernel", False):
+            module.support_avx512bf16_for_cpu = False
+            module.forward = _through_training_kernel(module.forward)
+            module._peft_tuner_training_kernel = True
+    return model
+
+
+def _through_training_kernel(forward):
+    def run(x, *args, **kwargs):
+        if torch.is_grad_enabled() or x.device.type != "cpu":
+            return forward(x, *args, **kwargs)
+        with torch.enable_grad():
+            return forward(x.detach().requires_grad_(), *args, **kwargs).detach()
+
+    return run
 
 
 def partitioned_weights(model) -> tuple[int, int]:

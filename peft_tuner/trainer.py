@@ -30,7 +30,7 @@ from peft_tuner.modeling import (DTYPES, add_neftune_noise, build_peft_model, co
                                  keep_adalora_mask, load_base_model)
 from peft_tuner.packed_attention import attend_row_by_row, check_padding_free, packed_attention_name
 from peft_tuner.preflight import TrainData, preflight
-from peft_tuner.quantization import footprint_gb, partitioned_weights, quantized
+from peft_tuner.quantization import compute_dtype, footprint_gb, partitioned_weights, quantized
 from peft_tuner.sampler import epoch_order, global_batch_indices, rank_share
 from peft_tuner.trackers import RunLog, open_trackers
 from peft_tuner.validation import BestSoFar, evaluate_during_training
@@ -163,12 +163,13 @@ def setup_padding_free(engine, cfg: Config, data: TrainData, tokenizer) -> str:
     """Check that the model keeps the rows of a padding-free batch apart, put row-by-row attention in place where it
     fits (train.packed_attention=rows) and check again; returns the attention the rows get, for the start record."""
     device, pad = dist.device(), tokenizer.pad_token_id
-    check_padding_free(engine.module, data.examples, pad, cfg.model.dtype, device)
+    computes_in = runtime.train_autocast_dtype(cfg) or (compute_dtype(cfg.model) if quantized(cfg.model) else cfg.model.dtype)
+    check_padding_free(engine.module, data.examples, pad, computes_in, device)
     rows_apart = cfg.train.packed_attention == "rows" and attend_row_by_row(engine.module)
     if rows_apart:
-        check_padding_free(engine.module, data.examples, pad, cfg.model.dtype, device)
+        check_padding_free(engine.module, data.examples, pad, computes_in, device)
     deepspeed_patches.start_trace_afresh(engine)  # the checks' forwards are no training step's trace
-    return packed_attention_name(rows_apart, device, DTYPES[runtime.train_autocast_dtype(cfg) or cfg.model.dtype])
+    return packed_attention_name(rows_apart, device, DTYPES[computes_in])
 
 
 def _cpu_words() -> str:

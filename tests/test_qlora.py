@@ -63,7 +63,28 @@ def quantized_runs(tiny_models, data_dir, tmp_path_factory):
         cmd = launch_command(launcher, stage=stage) + [str(recipe)]
         run(cmd + (["--deepspeed", ds_config(f"zero{stage}.json")] if stage else []), timeout=420)
         outs[launcher, stage, kind] = out / "run"
+    out = root / "python-z0-nf4-padding-free"  # evaluations (no gradients, eval mode) between the steps
+    out.mkdir()
+    recipe = write_recipe(out / "recipe.yaml", tiny_models["llama"], data_dir / "raft", out / "run",
+                          model={"name_or_path": str(tiny_models["llama"]), "quantization": "nf4"},
+                          data={"train_file": str(data_dir / "raft"), "max_length": 48, "eval_file": str(data_dir / "raft")},
+                          train={"epochs": 4, "batch_size": 8, "padding_free": True, "eval_each_epoch": True})
+    run(launch_command("python") + [str(recipe)], timeout=420)
+    outs["padding-free"] = out / "run"
     return outs
+
+
+@needs_bnb
+@pytest.mark.slow
+def test_evaluations_between_steps_leave_the_quantized_weights_as_they_train(quantized_runs):
+    """On a CPU with AVX-512 BF16, bitsandbytes repacks a 4-bit weight in place for its inference kernel when a layer
+    first runs in eval mode without gradients, and the repacked weight then trained wrongly: the padding-free check
+    and every evaluation did that. Trained with both, the losses are the padded run's (bf16 compute's rounding)."""
+    packed, padded = step_losses(quantized_runs["padding-free"]), step_losses(quantized_runs["python", 0, "nf4"])
+    assert len(packed) == len(padded) == 8
+    assert max(abs(a - b) for a, b in zip(packed, padded)) < 2e-2, (packed, padded)
+    assert [r["event"] for r in records(quantized_runs["padding-free"])].count("eval") == 4
+    assert summary(quantized_runs["padding-free"])["adapter_max_logit_diff"] < 1e-4
 
 
 @needs_bnb
