@@ -108,6 +108,7 @@ class TrainConfig:
                                           "block-diagonal mask).")
     compile: bool = _help(False, "torch.compile the model before the first step (ZeRO-0 to ZeRO-2; refused under ZeRO-3). "
                                  "It costs minutes of compiling at the start; see docs/benchmarks.md for where it paid.")
+    liger_kernels: bool = _help(False, "On a CUDA GPU: Liger's Triton kernels (RMSNorm, SwiGLU, RoPE) and its fused linear cross-entropy for the loss, which never materializes the logits (pip install liger-kernel; Llama family; ZeRO-0 to ZeRO-2).")
     lr_scheduler: str = _help("linear", "linear, cosine or constant, after warmup.")
     warmup_ratio: float = _help(0.0, "Share of the optimizer steps spent warming up linearly from 0.")
     max_grad_norm: float = _help(1.0, "Gradient clipping norm (0 turns clipping off).")

@@ -27,6 +27,9 @@ def label_token_losses(model, inputs: dict, labels: torch.Tensor) -> tuple[torch
     positions that predict a label, where the model allows it: a classification row's prompt costs no logits at all."""
     targets = labels[:, 1:]
     wanted = targets != IGNORE_INDEX
+    fused = getattr(getattr(model, "module", model), "fused_head_loss", None)
+    if fused is not None and torch.is_grad_enabled():  # train.liger_kernels: no logits at all (peft_tuner.kernels)
+        return fused(model, inputs, targets, wanted), wanted.nonzero()[:, 0]
     if takes_chosen_logits(model):
         keep = F.pad(wanted, (0, 1), value=False)  # position t predicts token t + 1
         logits = model(**inputs, logits_to_keep=keep).logits  # [kept positions, vocab]

@@ -14,7 +14,8 @@ from peft_tuner.config import Config, ConfigError, evaluates_during_training
 from peft_tuner.data import (DataError, Encoder, SftEncoder, boundary_advice, build_sft_task, build_task, encode_sft_rows,
                              encode_training_rows, prepare_split, read_table, sft_rows, text_blocks)
 from peft_tuner.errors import PeftTunerError
-from peft_tuner.modeling import check_peft_applies, load_tokenizer, model_hidden_size
+from peft_tuner.modeling import check_peft_applies, load_tokenizer, model_hidden_size, model_type
+from peft_tuner.kernels import check_liger
 from peft_tuner.quantization import check_quantization
 from peft_tuner.trackers import check_trackers
 
@@ -80,7 +81,8 @@ def _deepspeed_config(cfg: Config, world: int) -> tuple[dict, str, int]:
     ds_config = ds_config_for.resolve_deepspeed_config(raw, cfg, world, source, model_hidden_size(cfg.model))
     stage = ds_config_for.zero_stage(ds_config)
     problem = ds_config_for.check_method_fits_zero(cfg.peft.method, stage) or \
-        check_quantization(cfg.model, cfg.peft.method, stage)
+        check_quantization(cfg.model, cfg.peft.method, stage) or \
+        check_liger(cfg.train.liger_kernels, model_type(cfg.model) if cfg.train.liger_kernels else None, stage)
     if problem:
         raise ConfigError(problem)
     if cfg.train.compile and stage == 3:

@@ -25,9 +25,10 @@ from peft_tuner.config import Config, evaluates_after_step, metric_for_best
 from peft_tuner.data import IGNORE_INDEX, collate, collate_padding_free, real_tokens
 from peft_tuner.engine import backward_through_leaf_modules, optimizer_name, setup_engine, verify_adapter
 from peft_tuner.errors import PeftTunerError
+from peft_tuner.kernels import FusedHeadLoss, apply_liger, liger_loss
 from peft_tuner.losses import token_loss_sum
 from peft_tuner.modeling import (DTYPES, add_neftune_noise, build_peft_model, count_parameters, is_prompt_learning,
-                                 keep_adalora_mask, load_base_model)
+                                 keep_adalora_mask, load_base_model, model_type)
 from peft_tuner.packed_attention import attend_row_by_row, check_padding_free, packed_attention_name
 from peft_tuner.preflight import TrainData, preflight
 from peft_tuner.quantization import compute_dtype, footprint_gb, partitioned_weights, quantized
@@ -86,6 +87,8 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, problems: 
     torch.manual_seed(cfg.train.seed)
     runtime.map_gathered_weights_apart(stage)
     patches = deepspeed_patches.apply(cfg.train.deepspeed_patches, stage)
+    if cfg.train.liger_kernels:
+        apply_liger(model_type(cfg.model))  # into transformers' classes, before the model is built
     with dist.partitioned_loading(checked.ds_config, enabled=stage == 3 and cfg.train.zero3_init):
         base = load_base_model(cfg.model, zero_stage=stage)
         quantization = {"kind": cfg.model.quantization, "base_memory_gb": footprint_gb(base)} if quantized(cfg.model) else None
@@ -94,6 +97,8 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, problems: 
     trainable, total = count_parameters(model)
     engine = setup_engine(model, checked.ds_config, cfg, total_steps)
     leaf_modules = backward_through_leaf_modules(engine.module) if stage == 3 else 0
+    if cfg.train.liger_kernels:
+        engine.module.fused_head_loss = FusedHeadLoss(engine.module, liger_loss())
     if quantization:
         quantization["partitioned_weights"], quantization["quantized_weights"] = partitioned_weights(engine.module)
     packed_attention = setup_padding_free(engine, cfg, data, tokenizer) if cfg.train.padding_free else None
@@ -128,7 +133,8 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, problems: 
         log.line(f"note: {note}")
     log.record({"event": "start", "model": cfg.model.name_or_path, "method": cfg.peft.method, "trainable_params": trainable,
                 "total_params": total, "world_size": world, "zero_stage": stage, "launcher": launcher,
-                "compiled": cfg.train.compile, "autocast": autocast, "optimizer": optimizer_name(engine),
+                "compiled": cfg.train.compile, "liger_kernels": cfg.train.liger_kernels, "autocast": autocast,
+                "optimizer": optimizer_name(engine), "adapter_dtype": adapter_dtype(engine.module),
                 "cpu_threads": torch.get_num_threads(), "cpu_tuning": runtime.cpu_tuning().record(), "deepspeed_patches": patches,
                 "zero3_leaf_modules": leaf_modules, "packed_attention": packed_attention,
                 "label_boundary": (data.task or {}).get("label_boundary"), "notes": data.notes,
@@ -170,6 +176,12 @@ def setup_padding_free(engine, cfg: Config, data: TrainData, tokenizer) -> str:
         check_padding_free(engine.module, data.examples, pad, computes_in, device)
     deepspeed_patches.start_trace_afresh(engine)  # the checks' forwards are no training step's trace
     return packed_attention_name(rows_apart, device, DTYPES[computes_in])
+
+
+def adapter_dtype(model) -> Optional[str]:
+    """The dtype the trainable weights run in inside the engine (bf16 under DeepSpeed's bf16 mode), for the record."""
+    dtypes = {str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.requires_grad}
+    return ",".join(sorted(dtypes)) or None
 
 
 def _cpu_words() -> str:

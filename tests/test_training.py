@@ -306,3 +306,52 @@ def test_padding_free_ranks_share_the_global_batch_by_tokens():
     assert plain == 60 + 55 + 50 + 48 + 20
     assert balanced == -(-sum(lengths[i] for i in indices) // 2)  # an even split, to the token
     assert rank_share(indices, 1, 0, lengths) == sorted(indices, key=lambda i: -lengths[i])
+
+
+def test_the_fused_head_loss_path_gives_the_label_tokens_loss_and_gradients(tiny_models, data_dir):
+    """train.liger_kernels computes the loss without logits: the final norm's output at the label positions and the
+    head's weight go to a fused cross-entropy. With a plain torch stand-in for Liger's kernel (a CPU has no Triton),
+    the path gives each label token's loss and the LoRA gradients of the usual path."""
+    from peft_tuner.config import DataConfig, ModelConfig, PeftSettings
+    from peft_tuner.data import Encoder, build_task, collate, encode_training_rows, read_table
+    from peft_tuner.kernels import FusedHeadLoss
+    from peft_tuner.losses import token_loss_sum
+    from peft_tuner.modeling import build_peft_model, load_base_model, load_tokenizer
+
+    config = ModelConfig(name_or_path=str(tiny_models["llama"]))
+    tokenizer = load_tokenizer(config)
+    examples, _, _ = encode_training_rows(Encoder(tokenizer, build_task(DataConfig(), read_table(str(data_dir / "raft"))), 48),
+                                          read_table(str(data_dir / "raft")).rows[:6])
+    batch = collate(examples, tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    model = build_peft_model(load_base_model(config), PeftSettings(r=4, dropout=0.0, target_modules="all-linear"), config, 1)
+    results = []
+    for fused in (False, True):
+        if fused:
+            model.fused_head_loss = FusedHeadLoss(model, lambda w, h, t: F.cross_entropy(h @ w.T, t, reduction="none"))
+        model.zero_grad()
+        loss = token_loss_sum(model, batch, pass_positions=True)
+        loss.backward()
+        results.append((float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    (plain, plain_grads), (fused, fused_grads) = results
+    assert fused == pytest.approx(plain, rel=1e-6)
+    for name in plain_grads:
+        torch.testing.assert_close(fused_grads[name], plain_grads[name], atol=1e-6, rtol=1e-5)
+
+
+def test_liger_kernels_are_refused_where_they_cannot_run(monkeypatch):
+    import importlib.util
+
+    from peft_tuner.kernels import check_liger
+
+    assert check_liger(False, "gpt2", 3) is None
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "liger_kernel" else real_find_spec(name))
+    assert "needs liger-kernel" in check_liger(True, "llama", 2)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "this machine has none" in check_liger(True, "llama", 2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert "for llama, mistral, qwen2 models; this one is gpt2" in check_liger(True, "gpt2", 2)
+    assert "ZeRO-0 to ZeRO-2" in check_liger(True, "llama", 3)
+    assert check_liger(True, "llama", 2) is None
