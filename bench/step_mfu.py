@@ -47,8 +47,10 @@ TITLE = "Model FLOPs utilization of the training step"
 SHAPES = {
     "llama-1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4),
     "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
 }
 VOCAB = 32000
+VOCAB_OF = {"tiny": 1000}  # a dry run's shape: a small vocabulary, trained in a second
 # Dense bf16 tensor-core peaks (no sparsity), TFLOP/s, from the vendors' datasheets (SXM parts).
 DATASHEET_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.1, "A10G": 70.0, "L4": 121.0}
 
@@ -74,7 +76,8 @@ def model_folder(name: str, layers: int | None, data: Path, dtype: str) -> Path:
     from peft_tuner.tiny import build_tokenizer
 
     # A byte-level BPE of VOCAB tokens trained on WikiText-2 and the twitter rows, as the tiny models' is on a few lines.
-    tokenizer = build_tokenizer(VOCAB, [data / "wikitext-2" / "train.txt", data / "raft" / "twitter_complaints" / "train.csv"])
+    tokenizer = build_tokenizer(VOCAB_OF.get(name, VOCAB),
+                                [data / "wikitext-2" / "train.txt", data / "raft" / "twitter_complaints" / "train.csv"])
     config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=4096, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **shape)
     torch.manual_seed(0)
@@ -142,7 +145,8 @@ def overrides_for(workload: str, folder: Path, data: Path, args, batch: int, out
     common = [f"model.name_or_path={folder}", f"model.dtype={args.dtype}", "peft.method=lora", "peft.target_modules=all-linear",
               "peft.r=16", "peft.alpha=32", "peft.dropout=0.05", "train.padding_free=true", f"train.batch_size={batch}",
               f"train.packed_attention={args.packed_attention}", f"train.compile={str(args.compile).lower()}",
-              "train.verify_adapter=false", "data.cache=false", f"output_dir={out}", "--overwrite"]
+              f"train.liger_kernels={str(args.liger).lower()}", f"model.quantization={args.quantization}",
+              f"train.verify_adapter={str(args.verify).lower()}", "data.cache=false", f"output_dir={out}", "--overwrite"]
     if workload == "twitter":
         rows = 50
         epochs = math.ceil(steps / math.ceil(rows / batch))
@@ -184,10 +188,14 @@ def run_ours(model: str, workload: str, args, batch: int, work: Path) -> dict:
     else:
         cmd = [sys.executable, *script]
     began = time.time()
-    subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    if proc.returncode != 0:  # the run's own last words: a refusal, or the error that stopped it
+        raise SystemExit((proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1])
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines() if line.strip()]
     start = next(r for r in log if r["event"] == "start")
-    steps = [r for r in log if r["event"] == "step"][2:]
+    all_steps = [r for r in log if r["event"] == "step"]
+    steps = all_steps[2:]
+    summary = json.loads((out / "summary.json").read_text())
     if not steps:
         raise SystemExit(f"{out}: fewer than 3 steps logged")
     linear, head = linear_weights(folder)
@@ -204,7 +212,9 @@ def run_ours(model: str, workload: str, args, batch: int, work: Path) -> dict:
             "tokens_per_step": tokens / len(steps), "label_tokens_per_step": label_tokens / len(steps),
             "median_step_seconds": statistics.median(r["step_seconds"] for r in steps), "tokens_per_second": tokens / seconds,
             "model_tflops": model_flops / seconds / 1e12, "computed_tflops": computed_flops / seconds / 1e12,
-            "peak_memory_gb": max(r["peak_memory_gb"] for r in steps), "wall_seconds": round(time.time() - began, 1)}
+            "peak_memory_gb": max(r["peak_memory_gb"] for r in steps), "wall_seconds": round(time.time() - began, 1),
+            "liger": args.liger, "quantization": args.quantization, "losses": [r["loss"] for r in all_steps],
+            "adapter_dtype": start.get("adapter_dtype"), "adapter_max_logit_diff": summary.get("adapter_max_logit_diff")}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -230,6 +240,11 @@ def main(argv=None) -> int:
                         help="train.packed_attention: each row on its own (row by row on a CPU, flash varlen on a GPU) or "
                              "SDPA under a block-diagonal mask")
     parser.add_argument("--peak-tflops", type=float, help="the accelerator's dense peak in the step's dtype, if not in the table")
+    parser.add_argument("--liger", action="store_true", help="train.liger_kernels=true (a CUDA GPU with liger-kernel)")
+    parser.add_argument("--quantization", default="none", choices=["none", "nf4", "int8"], help="model.quantization")
+    parser.add_argument("--verify", action="store_true", help="train.verify_adapter=true: the adapter saved, reloaded, compared")
+    parser.add_argument("--results", default=str(RESULTS), help="the JSONL the results are appended to")
+    parser.add_argument("--no-write", action="store_true", help="do not rewrite docs/benchmarks.md")
     parser.add_argument("--data", default=str(data_root()), help="folder holding raft/ and wikitext-2/")
     args = parser.parse_args(argv)
     gpu = torch.cuda.is_available()
@@ -257,11 +272,12 @@ def main(argv=None) -> int:
     matmul = max(before, measured_matmul_tflops(args.dtype))
     for r in results:
         r["matmul_tflops"] = matmul
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    with open(RESULTS, "a") as f:
+    Path(args.results).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.results, "a") as f:
         for r in results:
             f.write(json.dumps(r) + "\n")
-    write_report()
+    if not args.no_write:
+        write_report()
     return 0
 
 
@@ -271,7 +287,7 @@ def write_report() -> None:
     latest: dict[tuple, dict] = {}
     for r in records:
         latest[(r["machine"], r["model"], r["layers"], r["workload"], r["dtype"], r["zero3"], r["batch"], r.get("block"),
-                r.get("packed_attention"), r.get("compiled", False))] = r
+                r.get("packed_attention"), r.get("compiled", False), r.get("liger", False), r.get("quantization", "none"))] = r
     lines = ["Each row: the command that measured it, on the machine it names (threads: the CPU threads torch used). "
              "MFU = real tokens/s x FLOPs per token / peak; \"computed\" counts the LM head at label tokens only.", "",
              "| run | command | machine | model | workload | dtype | attention | tokens / step | s / step | real tokens/s | "
@@ -279,7 +295,8 @@ def write_report() -> None:
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(latest.values(), key=lambda r: (r["run"], r["model"], r["workload"])):
         model = (r["model"] + (f" ({r['layers']} layers)" if r["layers"] else "") + (", ZeRO-3" if r["zero3"] else "")
-                 + (", compiled" if r.get("compiled") else ""))
+                 + (", compiled" if r.get("compiled") else "") + (", Liger" if r.get("liger") else "")
+                 + (f", {r['quantization']}" if r.get("quantization", "none") != "none" else ""))
         workload = r["workload"] + (f" ({r['batch']} blocks of {r['block']})" if r["block"] else f" ({r['batch']} rows)")
         sheet = f"{r['model_tflops'] / r['datasheet_tflops']:.1%}" if r["datasheet_tflops"] else "-"
         lines.append(f"| {r['run']} | `{r['command']}` | {r['machine']}, {r['threads']} threads, torch {r['torch']} | {model} | "
