@@ -91,7 +91,8 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, problems: 
         apply_liger(model_type(cfg.model))  # into transformers' classes, before the model is built
     with dist.partitioned_loading(checked.ds_config, enabled=stage == 3 and cfg.train.zero3_init):
         base = load_base_model(cfg.model, zero_stage=stage)
-        quantization = {"kind": cfg.model.quantization, "base_memory_gb": footprint_gb(base)} if quantized(cfg.model) else None
+        base_memory_gb = footprint_gb(base)  # its weights as loaded (quantized, or partitioned, on this process)
+        quantization = {"kind": cfg.model.quantization, "base_memory_gb": base_memory_gb} if quantized(cfg.model) else None
         model = build_peft_model(base, cfg.peft, cfg.model, total_steps)
     add_neftune_noise(model, cfg.train.neftune_alpha, padding_free=cfg.train.padding_free)
     trainable, total = count_parameters(model)
@@ -138,7 +139,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, problems: 
                 "cpu_threads": torch.get_num_threads(), "cpu_tuning": runtime.cpu_tuning().record(), "deepspeed_patches": patches,
                 "zero3_leaf_modules": leaf_modules, "packed_attention": packed_attention,
                 "label_boundary": (data.task or {}).get("label_boundary"), "notes": data.notes,
-                "quantization": quantization, "rows": data.rows,
+                "quantization": quantization, "base_memory_gb": base_memory_gb, "rows": data.rows,
                 "dropped_empty": data.dropped_empty, "truncated": data.truncated, "tokenized_from_cache": data.from_cache,
                 "total_steps": total_steps, "start_step": start_step})
 
