@@ -64,6 +64,9 @@ def validate(cfg: Config) -> list[str]:
           f"data.loss_on: '{cfg.data.loss_on}' is not one of assistant, last_assistant, all")
     check(not (cfg.data.chat_format and cfg.data.task == "text"), "data.chat_format: plain text has no turns; set data.task=chat for conversations")
     check(cfg.data.empty_text in ("drop", "error"), f"data.empty_text: '{cfg.data.empty_text}' is not one of drop, error")
+    from peft_tuner.data.conversations import FORMATS
+
+    check(cfg.data.format in FORMATS, f"data.format: '{cfg.data.format}' is not one of {', '.join(FORMATS)}")
     check(cfg.data.label_boundary in ("example", "word"),
           f"data.label_boundary: '{cfg.data.label_boundary}' is not one of example, word")
     check(cfg.data.max_length >= 8, f"data.max_length: {cfg.data.max_length} is too short; use at least 8 tokens")

@@ -86,6 +86,10 @@ def evaluate(cfg: Config, out_dir: str | Path, split: str = "eval", model_dir: O
         raise DataError(f"data.{split}_file: not set; nothing to evaluate"
                         + ("; or hold out part of data.train_file with data.eval_fraction=0.2" if split == "eval" else ""))
     table = read_table(spec, "train" if held_out else split)  # data problems surface before any model loads
+    if cfg.data.task == "chat":
+        from peft_tuner.data.conversations import as_chat_table
+
+        table, _ = as_chat_table(table, cfg.data)  # whatever format the file has
     if cfg.data.task == "text":
         return evaluate_text(cfg, table, out_dir, model_dir, adapter_dir, quiet, role="eval" if held_out else split)
     if cfg.data.task in ("completion", "chat"):

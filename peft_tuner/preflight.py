@@ -13,6 +13,7 @@ from peft_tuner import ds_config as ds_config_for
 from peft_tuner.config import Config, ConfigError, evaluates_during_training
 from peft_tuner.data import (DataError, Encoder, SftEncoder, boundary_advice, build_sft_task, build_task, encode_sft_rows,
                              encode_training_rows, prepare_split, read_table, sft_rows, text_blocks)
+from peft_tuner.data.conversations import as_chat_table
 from peft_tuner.errors import PeftTunerError
 from peft_tuner.modeling import check_peft_applies, load_tokenizer, model_hidden_size, model_type
 from peft_tuner.kernels import check_liger
@@ -97,7 +98,7 @@ def setup_data(cfg: Config, tokenizer) -> Optional[TrainData]:
     could not be read) the rows are still read and checked, and nothing is returned."""
     if not cfg.data.train_file:
         raise DataError("data.train_file: not set; give a file, a RAFT folder or a hub dataset")
-    table = read_table(cfg.data.train_file, "train")
+    table, data_format = read_split(cfg, cfg.data.train_file, "train")
     sft = cfg.data.task in ("completion", "chat")
     if tokenizer is None:
         if sft:
@@ -119,9 +120,9 @@ def setup_data(cfg: Config, tokenizer) -> Optional[TrainData]:
         return TrainData(examples=examples, task=None, rows=len(examples), eval_blocks=eval_blocks, from_cache=from_cache)
     if evaluates and not (cfg.data.eval_file or cfg.data.eval_fraction):
         raise ConfigError(f"{key}: needs data.eval_file or data.eval_fraction (rows with answers to evaluate on)")
-    eval_table = (read_table(cfg.data.eval_file, "eval") if cfg.data.eval_file else table) if evaluates else None
+    eval_table = (read_split(cfg, cfg.data.eval_file, "eval")[0] if cfg.data.eval_file else table) if evaluates else None
     if sft:
-        return setup_sft_data(cfg, tokenizer, table, eval_table)
+        return setup_sft_data(cfg, tokenizer, table, eval_table, data_format)
     task = build_task(cfg.data, table, tokenizer)
     if task.chat_template:
         tokenizer.chat_template = task.chat_template  # saved with the adapter, for generate --chat
@@ -137,9 +138,18 @@ def setup_data(cfg: Config, tokenizer) -> Optional[TrainData]:
                      notes=[advice] if advice else [])
 
 
-def setup_sft_data(cfg: Config, tokenizer, table, eval_table) -> TrainData:
+def read_split(cfg: Config, spec: str, role: str):
+    """(a split's table, its format): a chat task's rows as conversations, whatever format the file has."""
+    table = read_table(spec, role)
+    if cfg.data.task == "chat":
+        return as_chat_table(table, cfg.data)
+    return table, None
+
+
+def setup_sft_data(cfg: Config, tokenizer, table, eval_table, data_format: Optional[dict] = None) -> TrainData:
     """Completion and chat rows: the training examples, and the eval rows' examples whose loss is measured."""
     task = build_sft_task(cfg.data, table, tokenizer, cfg.model.name_or_path)
+    task.data_format = data_format
     if task.as_chat:
         tokenizer.chat_template = task.chat_template  # saved with the adapter, for generate --chat
     rows = sft_rows(task, table, cfg.data, "train", require_target=True)

@@ -129,6 +129,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, problems: 
              f"{'tokenized: from cache' if data.from_cache else 'tokenized'}) | global batch {global_batch} = "
              f"{cfg.train.batch_size} x {cfg.train.gradient_accumulation} accumulation x {world} | {steps_per_epoch} "
              f"steps/epoch x {cfg.train.epochs} epochs = {total_steps} steps" + (f" | {autocast} autocast" if autocast else "")
+             + (f" | format {data.task['data_format']['format']}" if (data.task or {}).get("data_format") else "")
              + (f" | resuming after step {start_step}" if start_step else ""))
     for note in data.notes:
         log.line(f"note: {note}")

@@ -29,6 +29,7 @@ class SftTask:
     chat_template: Optional[str] = None  # the Jinja text, when rows are rendered as conversations
     system_prompt: Optional[str] = None
     loss_on: str = "assistant"
+    data_format: Optional[dict] = None  # chat: the file's format and column mapping (data.format)
 
     @property
     def as_chat(self) -> bool:
