@@ -113,6 +113,10 @@ class TrainConfig:
     compile: bool = _help(False, "torch.compile the model before the first step (ZeRO-0 to ZeRO-2; refused under ZeRO-3). "
                                  "It costs minutes of compiling at the start; see docs/benchmarks.md for where it paid.")
     liger_kernels: bool = _help(False, "On a CUDA GPU: Liger's Triton kernels (RMSNorm, SwiGLU, RoPE) and its fused linear cross-entropy for the loss, which never materializes the logits (pip install liger-kernel; Llama family; ZeRO-0 to ZeRO-2).")
+    objective: str = _help("sft", "sft (next-token loss on the targets), or preference training on pairs of a chosen and a rejected answer (data.format=preference rows; data.task=chat renders them with the chat template, completion as prompt + answer + EOS): dpo, ipo, or orpo (no reference); docs/preference.md.")
+    beta: float = _help(0.1, "dpo, ipo, orpo: DPO's and IPO's beta (how far from the reference the policy may move), ORPO's weight of the odds-ratio term (TRL's default 0.1 for each).")
+    label_smoothing: float = _help(0.0, "dpo: the share of pairs taken to be mislabelled (conservative DPO), in [0, 0.5).")
+    precompute_reference: bool = _help(False, "dpo, ipo: the reference's log-probabilities of every pair computed once before the first step, so no step runs the reference forward (and full fine-tuning has a reference).")
     lr_scheduler: str = _help("linear", "linear, cosine or constant, after warmup.")
     warmup_ratio: float = _help(0.0, "Share of the optimizer steps spent warming up linearly from 0.")
     max_grad_norm: float = _help(1.0, "Gradient clipping norm (0 turns clipping off).")
@@ -148,7 +152,7 @@ class EvalConfig:
     match_prior: bool = _help(False, "Rank method: offset the class scores so that, over the first eval.prior_rows rows of data.test_file (no labels needed), the mean predicted class shares equal the shares of the training labels: takes out the model's lean towards a class.")
     prior_rows: int = _help(400, "Unlabelled rows of data.test_file that eval.match_prior measures the lean on.")
     quantization: Optional[str] = _help(None, "The base model's quantization for evaluate and generate: none, nf4, fp4, int8; null follows model.quantization (an adapter then stays unmerged on the quantized base).")
-    metric_for_best: Optional[str] = _help(None, "What marks the best evaluation during training (best_adapter/, early stopping): accuracy, eval_loss or perplexity; default accuracy for classification, eval_loss otherwise.")
+    metric_for_best: Optional[str] = _help(None, "What marks the best evaluation during training (best_adapter/, early stopping): accuracy, eval_loss or perplexity; with a preference objective eval_loss, reward_accuracy or reward_margin; default accuracy for classification, eval_loss otherwise.")
     dtype: Optional[str] = _help(None, "Weights dtype for evaluation and generation: fp32, bf16, fp16, or auto (bf16 where "
                                        "this machine computes it natively: a GPU that supports it, a CPU with AVX-512 BF16 "
                                        "or AMX; else model.dtype); default model.dtype.")
@@ -195,8 +199,9 @@ class Config:
 
 def metric_for_best(cfg: Config) -> tuple[str, bool]:
     """The metric that marks the best evaluation during training, and whether higher is better."""
-    name = cfg.eval.metric_for_best or ("accuracy" if cfg.data.task == "classification" else "eval_loss")
-    return name, name == "accuracy"
+    name = cfg.eval.metric_for_best or ("accuracy" if cfg.data.task == "classification" and cfg.train.objective == "sft"
+                                        else "eval_loss")
+    return name, name in ("accuracy", "reward_accuracy", "reward_margin")
 
 
 def evaluates_during_training(cfg: Config) -> bool:

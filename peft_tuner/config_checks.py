@@ -42,6 +42,11 @@ def ignored_keys(cfg: Config, written: set[str]) -> list[str]:
             unused[f"data.{key}"] = "data.task=text"
         for key in ("calibrate", "match_prior", "prior_rows", "method"):
             unused[f"eval.{key}"] = "data.task=text (evaluated by loss and perplexity)"
+    objective = cfg.train.objective
+    for key in ("beta", "label_smoothing", "precompute_reference"):
+        if objective == "sft" or (key == "label_smoothing" and objective != "dpo") or \
+                (key == "precompute_reference" and objective == "orpo"):
+            unused[f"train.{key}"] = f"train.objective={objective}"
     return [f"{key}: ignored with {reason}" for key, reason in unused.items() if key in written]
 
 
@@ -113,10 +118,17 @@ def validate(cfg: Config) -> list[str]:
           "train.eval_each_epoch=true")
     for tracker in cfg.train.report_to:
         check(tracker in TRACKERS, f"train.report_to: '{tracker}' is not one of {', '.join(TRACKERS)}")
+    from peft_tuner.preference import OBJECTIVES, check_objective
+
+    check(cfg.train.objective in OBJECTIVES, f"train.objective: '{cfg.train.objective}' is not one of {', '.join(OBJECTIVES)}")
+    problems += check_objective(cfg)
     if cfg.eval.metric_for_best is not None:
         allowed = ("accuracy",) if cfg.data.task == "classification" else ("eval_loss", "perplexity")
+        if cfg.train.objective != "sft":
+            allowed = ("eval_loss", "reward_accuracy", "reward_margin")
         check(cfg.eval.metric_for_best in allowed, f"eval.metric_for_best: '{cfg.eval.metric_for_best}' is not measured "
-              f"during training of data.task={cfg.data.task}; use {' or '.join(allowed)}")
+              f"during training of data.task={cfg.data.task}, train.objective={cfg.train.objective}; use "
+              f"{' or '.join(allowed)}")
     check(cfg.eval.max_new_tokens is None or cfg.eval.max_new_tokens > 0, "eval.max_new_tokens: must be positive")
     check(cfg.train.autocast in (None, "bf16", "fp16", "auto"),
           f"train.autocast: '{cfg.train.autocast}' is not one of bf16, fp16, auto")

@@ -65,11 +65,11 @@ def text_loss_over_ranks(model, blocks: list[dict], batch_size: int, pad: int) -
     return total / tokens
 
 
-def token_loss_sum(engine, batch: dict, pass_positions: bool, device: Optional[torch.device] = None) -> torch.Tensor:
-    """Sum of next-token cross-entropy over label tokens (prompt and padding are -100). A padding-free batch has no
-    attention mask: its position ids tell the rows apart. No cache: a training forward never reads one again.
-    With `device`, the batch comes from the host and moves there after its longest row is read: no wait on the device."""
-    moved = {k: v.to(device) for k, v in batch.items()} if device is not None else batch
+def batch_inputs(batch: dict, pass_positions: bool, device: Optional[torch.device] = None) -> tuple[dict, torch.Tensor]:
+    """(the model's inputs, the labels) of a collated batch. A padding-free batch has no attention mask: its position
+    ids tell the rows apart. No cache: a training forward never reads one again. With `device`, the batch comes from
+    the host and moves there after its longest row is read: no wait on the device."""
+    moved = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)} if device is not None else batch
     inputs = {k: moved[k] for k in ("input_ids", "attention_mask") if k in moved}
     if pass_positions:
         inputs["position_ids"] = moved["position_ids"]
@@ -77,5 +77,11 @@ def token_loss_sum(engine, batch: dict, pass_positions: bool, device: Optional[t
             longest = int((batch["cu_seq_lens"][1:] - batch["cu_seq_lens"][:-1]).max())
             inputs.update(cu_seq_lens_q=moved["cu_seq_lens"], cu_seq_lens_k=moved["cu_seq_lens"],
                           max_length_q=longest, max_length_k=longest)
-    losses, _ = label_token_losses(engine, {**inputs, "use_cache": False}, moved["labels"])
+    return {**inputs, "use_cache": False}, moved["labels"]
+
+
+def token_loss_sum(engine, batch: dict, pass_positions: bool, device: Optional[torch.device] = None) -> torch.Tensor:
+    """Sum of next-token cross-entropy over label tokens (prompt and padding are -100)."""
+    inputs, labels = batch_inputs(batch, pass_positions, device)
+    losses, _ = label_token_losses(engine, inputs, labels)
     return losses.sum()

@@ -12,8 +12,9 @@ from peft_tuner import distributed as dist
 from peft_tuner import ds_config as ds_config_for
 from peft_tuner.config import Config, ConfigError, evaluates_during_training
 from peft_tuner.data import (DataError, Encoder, SftEncoder, boundary_advice, build_sft_task, build_task, encode_sft_rows,
-                             encode_training_rows, prepare_split, read_table, sft_rows, text_blocks)
-from peft_tuner.data.conversations import as_chat_table
+                             encode_training_rows, prepare_split, read_table, select_rows, sft_rows, text_blocks)
+from peft_tuner.data.chat import resolve_chat_template
+from peft_tuner.data.conversations import as_chat_table, normalize
 from peft_tuner.errors import PeftTunerError
 from peft_tuner.modeling import check_peft_applies, load_tokenizer, model_hidden_size, model_type
 from peft_tuner.kernels import check_liger
@@ -33,6 +34,17 @@ class TrainData:
     eval_blocks: list = field(default_factory=list)  # text, completion, chat: examples whose loss and perplexity are measured
     from_cache: bool = False  # the examples were read from the tokenization cache
     notes: list = field(default_factory=list)  # what the user should know about the data's encoding (said at the start)
+    eval_pairs: list = field(default_factory=list)  # preference objectives: eval pairs, their loss and rewards measured
+
+    @property
+    def preference(self) -> bool:
+        """Whether the examples are pairs ({chosen, rejected}) for a preference objective."""
+        return (self.task or {}).get("kind") == "preference"
+
+    @property
+    def sequences(self) -> list[dict]:
+        """The examples as token sequences (a pair's two answers apart), for the checks that run a few of them."""
+        return [e[side] for e in self.examples for side in ("chosen", "rejected")] if self.preference else self.examples
 
 
 @dataclass
@@ -98,6 +110,8 @@ def setup_data(cfg: Config, tokenizer) -> Optional[TrainData]:
     could not be read) the rows are still read and checked, and nothing is returned."""
     if not cfg.data.train_file:
         raise DataError("data.train_file: not set; give a file, a RAFT folder or a hub dataset")
+    if cfg.train.objective != "sft":
+        return setup_pair_data(cfg, tokenizer)
     table, data_format = read_split(cfg, cfg.data.train_file, "train")
     sft = cfg.data.task in ("completion", "chat")
     if tokenizer is None:
@@ -161,3 +175,32 @@ def setup_sft_data(cfg: Config, tokenizer, table, eval_table, data_format: Optio
         eval_blocks = encode_sft_rows(encoder, eval_rows, cache=cfg.data.cache)[0]
     return TrainData(examples=examples, task=task.to_dict(), rows=len(rows), dropped_empty=dropped,
                      truncated=truncated, eval_blocks=eval_blocks, from_cache=from_cache)
+
+
+def setup_pair_data(cfg: Config, tokenizer) -> Optional[TrainData]:
+    """Preference pairs (train.objective dpo, ipo, orpo): every row read and checked, then, with a tokenizer, each
+    pair's two answers encoded after the prompt (the chat template's turns, or prompt + answer + EOS)."""
+    from peft_tuner.preference import encode_pairs
+
+    def pairs_of(table, role: str) -> tuple[list, dict]:
+        return normalize(table, cfg.data, preference=True, rows=select_rows(table.rows, cfg.data, role, label_column=None))
+
+    table = read_table(cfg.data.train_file, "train")
+    pairs, mapping = pairs_of(table, "train")
+    eval_pairs = []
+    if evaluates_during_training(cfg):
+        if not (cfg.data.eval_file or cfg.data.eval_fraction):
+            raise ConfigError("train.eval_*: needs data.eval_file or data.eval_fraction (pairs to measure the rewards on)")
+        eval_pairs = pairs_of(read_table(cfg.data.eval_file, "eval") if cfg.data.eval_file else table, "eval")[0]
+    if tokenizer is None:
+        return None
+    template = resolve_chat_template(cfg.data.chat_template, tokenizer, cfg.model.name_or_path) if cfg.data.task == "chat" else None
+    if template:
+        tokenizer.chat_template = template  # saved with the adapter, for generate --chat
+    examples, cut = encode_pairs(tokenizer, template, pairs, cfg.data.max_length)
+    notes = [f"{cut} of {len(pairs)} pairs longer than data.max_length={cfg.data.max_length}: the prompt lost its start "
+             f"(one token kept), then the answer its end"] if cut else []
+    task = {"kind": "preference", "objective": cfg.train.objective, "beta": cfg.train.beta, "chat_template": template,
+            "data_format": mapping}
+    return TrainData(examples=examples, task=task, rows=len(examples), truncated=cut, notes=notes,
+                     eval_pairs=encode_pairs(tokenizer, template, eval_pairs, cfg.data.max_length)[0])

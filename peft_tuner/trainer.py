@@ -30,6 +30,7 @@ from peft_tuner.losses import token_loss_sum
 from peft_tuner.modeling import (DTYPES, add_neftune_noise, build_peft_model, count_parameters, is_prompt_learning,
                                  keep_adalora_mask, load_base_model, model_type)
 from peft_tuner.packed_attention import attend_row_by_row, check_padding_free, packed_attention_name
+from peft_tuner import preference
 from peft_tuner.preflight import TrainData, preflight
 from peft_tuner.quantization import compute_dtype, footprint_gb, partitioned_weights, quantized
 from peft_tuner.sampler import epoch_order, global_batch_indices, rank_share
@@ -108,6 +109,10 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, problems: 
         # In place (nn.Module.compile): module tree and parameter names stay, so the adapter saves as before. It compiles
         # at the first call, again when the shapes first change (dynamic from then on) and in evaluation mode.
         engine.module.compile()
+    if cfg.train.precompute_reference and cfg.train.objective in preference.NEEDS_REFERENCE:
+        # before a checkpoint is loaded: under full fine-tuning the weights as loaded are the reference
+        preference.add_reference(engine, data.examples, cfg.eval.batch_size, tokenizer.pad_token_id)
+        deepspeed_patches.start_trace_afresh(engine)
     torch.manual_seed(cfg.train.seed + dist.rank())  # dropout differs across ranks, reproducibly
 
     start_step, best = 0, BestSoFar(*metric_for_best(cfg))
@@ -130,6 +135,8 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, problems: 
              f"{cfg.train.batch_size} x {cfg.train.gradient_accumulation} accumulation x {world} | {steps_per_epoch} "
              f"steps/epoch x {cfg.train.epochs} epochs = {total_steps} steps" + (f" | {autocast} autocast" if autocast else "")
              + (f" | format {data.task['data_format']['format']}" if (data.task or {}).get("data_format") else "")
+             + (f" | objective {cfg.train.objective}, beta {cfg.train.beta}" + (", reference precomputed" if cfg.train.precompute_reference else "")
+                if data.preference else "")
              + (f" | resuming after step {start_step}" if start_step else ""))
     for note in data.notes:
         log.line(f"note: {note}")
@@ -140,6 +147,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, problems: 
                 "cpu_threads": torch.get_num_threads(), "cpu_tuning": runtime.cpu_tuning().record(), "deepspeed_patches": patches,
                 "zero3_leaf_modules": leaf_modules, "packed_attention": packed_attention,
                 "label_boundary": (data.task or {}).get("label_boundary"), "notes": data.notes,
+                "objective": cfg.train.objective, "precompute_reference": cfg.train.precompute_reference,
                 "quantization": quantization, "base_memory_gb": base_memory_gb, "rows": data.rows,
                 "dropped_empty": data.dropped_empty, "truncated": data.truncated, "tokenized_from_cache": data.from_cache,
                 "total_steps": total_steps, "start_step": start_step})
@@ -150,7 +158,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, problems: 
 
     # 5. The adapter, gathered under ZeRO-3, written atomically, then reloaded and checked.
     adapter_dir = ckpt.save_adapter(engine.module, tokenizer, cfg, data.task, Path(cfg.output_dir) / ckpt.ADAPTER_DIR, stage)
-    adapter_diff = verify_adapter(engine, cfg, data.examples, tokenizer, adapter_dir) if cfg.train.verify_adapter else None
+    adapter_diff = verify_adapter(engine, cfg, data.sequences, tokenizer, adapter_dir) if cfg.train.verify_adapter else None
     summary = {"event": "end", **result, "adapter_max_logit_diff": adapter_diff, "train_seconds": round(time.time() - started, 2),
                "peak_memory_gb": round(max(dist.all_reduce([dist.peak_memory_gb()], op="max")), 3),
                "adapter_dir": str(adapter_dir), "world_size": world, "zero_stage": stage, "trainable_params": trainable}
@@ -172,10 +180,10 @@ def setup_padding_free(engine, cfg: Config, data: TrainData, tokenizer) -> str:
     fits (train.packed_attention=rows) and check again; returns the attention the rows get, for the start record."""
     device, pad = dist.device(), tokenizer.pad_token_id
     computes_in = runtime.train_autocast_dtype(cfg) or (compute_dtype(cfg.model) if quantized(cfg.model) else cfg.model.dtype)
-    check_padding_free(engine.module, data.examples, pad, computes_in, device)
+    check_padding_free(engine.module, data.sequences, pad, computes_in, device)
     rows_apart = cfg.train.packed_attention == "rows" and attend_row_by_row(engine.module)
     if rows_apart:
-        check_padding_free(engine.module, data.examples, pad, computes_in, device)
+        check_padding_free(engine.module, data.sequences, pad, computes_in, device)
     deepspeed_patches.start_trace_afresh(engine)  # the checks' forwards are no training step's trace
     return packed_attention_name(rows_apart, device, DTYPES[computes_in])
 
@@ -212,14 +220,14 @@ def fit(run: Run) -> dict:
                 continue
             began = time.time()
             batches = step_batches(run, global_batch_indices(order, step_in_epoch, run.global_batch))
-            local_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
-            global_tokens, global_seen, stop_flag = dist.all_reduce([local_tokens, sum(real_tokens(b) for b in batches),
-                                                                     float(stop.requested)])
+            global_counts = dist.all_reduce(loss_denominators(run, batches))
+            global_seen, stop_flag = dist.all_reduce([sum(real_tokens(b) for b in batches), float(stop.requested)])
+            global_tokens = global_counts[-1]
             if stop_flag > 0:
                 path = ckpt.save_checkpoint(engine, cfg, run.loop_state(step, epoch))
                 run.log.line(f"stopped by signal before step {step + 1}; checkpoint {path}. Continue with the same command plus --resume")
                 raise SystemExit(143)
-            last_loss, learning_rate = optimizer_step(run, batches, global_tokens, step, epoch)
+            last_loss, learning_rate, stats = optimizer_step(run, batches, global_counts, step, epoch)
             elapsed = time.time() - began
             step_times.append(elapsed)
             done = step + 1
@@ -227,10 +235,11 @@ def fit(run: Run) -> dict:
                 record = {"event": "step", "step": done, "epoch": epoch + 1, "loss": last_loss,
                           "learning_rate": learning_rate, "tokens": int(global_seen), "label_tokens": int(global_tokens),
                           "tokens_per_second": global_seen / elapsed, "step_seconds": elapsed,
-                          "peak_memory_gb": dist.peak_memory_gb()}
+                          "peak_memory_gb": dist.peak_memory_gb(), **stats}
                 run.log.record(record)
                 if progress is not None:
-                    progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{learning_rate:.2e}",
+                    progress.set_postfix(loss=f"{last_loss:.4f}", **({"reward_acc": f"{stats['reward_accuracy']:.2f}",
+                                     "margin": f"{stats['reward_margin']:.3f}"} if stats else {}), lr=f"{learning_rate:.2e}",
                                          tok_s=f"{record['tokens_per_second']:.0f}", mem=f"{record['peak_memory_gb']:.2f}GB")
             if progress is not None:
                 progress.update(1)
@@ -260,29 +269,49 @@ def step_batches(run: Run, indices: list[int]) -> list[dict]:
     rows are shared out by length (sampler.rank_share)."""
     cfg = run.cfg
     micro, padding_free = cfg.train.batch_size, cfg.train.padding_free
-    lengths = [len(e["input_ids"]) for e in run.data.examples] if padding_free and run.world > 1 else None
+    lengths = [example_length(e) for e in run.data.examples] if padding_free and run.world > 1 else None
     mine = rank_share(indices, run.world, dist.rank(), lengths)
     rows = [[run.data.examples[i] for i in mine[k * micro:(k + 1) * micro]] for k in range(cfg.train.gradient_accumulation)]
-    return [collate_padding_free(r) if padding_free else collate(r, run.tokenizer.pad_token_id) for r in rows]
+    pad = run.tokenizer.pad_token_id
+    if run.data.preference:
+        return [preference.collate_pairs(r, pad, padding_free) for r in rows]
+    return [collate_padding_free(r) if padding_free else collate(r, pad) for r in rows]
 
 
-def optimizer_step(run: Run, batches: list[dict], global_tokens: float, step: int, epoch: int) -> tuple[float, float]:
+def example_length(example: dict) -> int:
+    return sum(len(example[s]["input_ids"]) for s in ("chosen", "rejected")) if "chosen" in example else len(example["input_ids"])
+
+
+def loss_denominators(run: Run, batches: list[dict]) -> list[float]:
+    """This rank's counts that the step's loss is divided by, summed over the ranks by the caller: the label tokens;
+    for pairs, (pairs, the chosen answers' label tokens)."""
+    if run.data.preference:
+        counts = [preference.pair_counts(b) for b in batches]
+        return [float(sum(c[0] for c in counts)), float(sum(c[1] for c in counts))]
+    return [float(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches))]
+
+
+def optimizer_step(run: Run, batches: list[dict], global_counts: list[float], step: int,
+                   epoch: int) -> tuple[float, float, dict]:
     """Forward and backward of each micro-batch, the loss agreed over the ranks, then the optimizer step (never with a
-    non-finite loss). Returns (the step's loss, the learning rate it used)."""
+    non-finite loss). Returns (the step's loss, the learning rate it used, the preference stats or {})."""
     cfg, engine, world = run.cfg, run.engine, run.world
     accumulation = cfg.train.gradient_accumulation
     pass_positions = not is_prompt_learning(engine.module)
     forward_dtype = runtime.train_autocast_dtype(cfg)
-    loss_sum = 0.0
+    loss_sum, stat_sums = 0.0, [0.0] * len(preference.STATS)
     for k, batch in enumerate(batches):
         with runtime.autocast_to(forward_dtype):
-            summed = token_loss_sum(engine, batch, pass_positions, dist.device())
-        engine.backward(summed * (world * accumulation) / max(global_tokens, 1))
-        loss_sum = loss_sum + summed.detach()  # stays on the device until the step's end
+            if run.data.preference:  # this micro-batch's share of the mean over the global batch's pairs
+                part, stats = preference.pair_step_loss(engine, batch, cfg.train, pass_positions, dist.device(), *global_counts)
+                stat_sums = [a + stats[name] for a, name in zip(stat_sums, preference.STATS)]
+            else:  # ... of the mean over the global batch's label tokens
+                part = token_loss_sum(engine, batch, pass_positions, dist.device()) / max(global_counts[-1], 1)
+        engine.backward(part * (world * accumulation))
+        loss_sum = loss_sum + part.detach()  # stays on the device until the step's end
         if k == accumulation - 1:
             # Agree on the step's loss before the optimizer moves: a non-finite one must not touch the weights.
-            (loss_total,) = dist.all_reduce([float(loss_sum)])
-            loss = loss_total / max(global_tokens, 1)
+            loss, *stat_sums = dist.all_reduce([float(loss_sum)] + (stat_sums if run.data.preference else []))
             if not math.isfinite(loss):
                 latest = ckpt.find_latest_checkpoint(cfg)
                 raise TrainingStopped(f"loss is {loss} at step {step + 1} (epoch {epoch + 1}); weights not "
@@ -294,7 +323,7 @@ def optimizer_step(run: Run, batches: list[dict], global_tokens: float, step: in
         engine.step()
     if cfg.peft.method == "adalora":
         keep_adalora_mask(engine.module)
-    return loss, learning_rate
+    return loss, learning_rate, preference.shown_stats(stat_sums, global_counts[0]) if run.data.preference else {}
 
 
 def evaluate_and_keep_best(run: Run, done: int, epoch: int, progress) -> bool:

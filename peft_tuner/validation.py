@@ -18,7 +18,13 @@ def evaluate_during_training(engine, cfg: Config, data: TrainData, tokenizer) ->
     """Accuracy by rank classification (classification), else the loss and perplexity of the eval examples' targets;
     every rank takes part. Returns (metrics, a line that says them)."""
     engine.eval()
-    if data.eval_rows:
+    if data.eval_pairs:
+        from peft_tuner.preference import evaluate_pairs
+
+        metrics = evaluate_pairs(engine, data.eval_pairs, cfg.train, cfg.eval.batch_size, tokenizer.pad_token_id)
+        said = (f"eval loss {metrics['eval_loss']:.4f}, reward accuracy {metrics['reward_accuracy']:.4f}, margin "
+                f"{metrics['reward_margin']:.4f} on {len(data.eval_pairs)} pairs")
+    elif data.eval_rows:
         metrics = {"accuracy": accuracy_during_training(engine, cfg, data)}
         said = f"eval accuracy {metrics['accuracy']:.4f} on {len(data.eval_rows)} rows"
     else:
