@@ -95,3 +95,33 @@ def _detokenize(line: str) -> str:
     line = re.sub(r" ([,.;:!?')\]])", r"\1", line)
     line = re.sub(r"([(\[]) ", r"\1", line)
     return line.replace(" n't", "n't")
+
+
+def build_pairs(chat_file: str | Path, predictions_file: str | Path, out_file: str | Path, overwrite: bool = False) -> dict:
+    """Preference pairs from a chat set and a model's answers to it (`peft-tuner evaluate`'s predictions_<split>.jsonl
+    over that file): the reference answer chosen, the model's own greedy answer rejected, for every row where the two
+    differ. Writes OUT (`{"prompt": [messages], "chosen", "rejected", "source"}` per line); returns the counts."""
+    chats = [json.loads(line) for line in Path(chat_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+    predictions = [json.loads(line) for line in Path(predictions_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+    if len(predictions) != len(chats):
+        raise DataError(f"make-pairs: {predictions_file} has {len(predictions)} rows and {chat_file} {len(chats)}; "
+                        f"evaluate every row of the chat file (no data.max_rows) with data.eval_file={chat_file}")
+    pairs, same = [], 0
+    for p in predictions:
+        row = chats[p["index"]]
+        *prompt, answer = row["messages"]
+        if answer["role"] != "assistant" or answer["content"].strip() != (p.get("reference") or "").strip():
+            raise DataError(f"make-pairs: {predictions_file} row {p['index'] + 1} answers another question than "
+                            f"{chat_file} row {p['index'] + 1}; the predictions must come from that file")
+        if p["output"].strip() == answer["content"].strip():
+            same += 1
+            continue
+        pairs.append({"prompt": prompt, "chosen": answer["content"], "rejected": p["output"].strip(),
+                      "source": row.get("source")})
+    out = Path(out_file)
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in pairs)
+    if out.is_file() and out.read_text(encoding="utf-8") != text and not overwrite:
+        raise DataError(f"make-pairs: {out} is there with other content; pass --overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text, encoding="utf-8")
+    return {"pairs": len(pairs), "same_answer": same, "rows": len(chats)}

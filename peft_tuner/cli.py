@@ -1,7 +1,7 @@
 """The `peft-tuner` command: every verb, and how its config is resolved.
 
     train | merge | evaluate | pseudo-label | distill | generate | export | convert-loralib | config | prepare-model |
-    convert-gguf | make-chat-data | make-tiny-model | demo
+    convert-gguf | make-chat-data | make-pairs | make-tiny-model | demo
 
 A verb takes a recipe YAML (or, after training, the config saved beside --adapter / --model) and `section.key=value`
 overrides; a user mistake (any PeftTunerError) prints one message and exits 2. The verbs' modules are imported only
@@ -175,6 +175,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace files there that differ")
     p.set_defaults(run=verbs.make_chat_data)
+
+    p = sub.add_parser("make-pairs", help="preference pairs from a chat set and a model's answers to it: the "
+                       "reference answer chosen, the model's own (evaluate's predictions) rejected where they differ")
+    p.add_argument("chat_file", help="the chat set, e.g. outputs/chat_data/train.jsonl")
+    p.add_argument("predictions", help="peft-tuner evaluate's predictions_eval.jsonl over that file")
+    p.add_argument("out_file", help="the pairs, e.g. outputs/chat_data/pairs_train.jsonl")
+    p.add_argument("--overwrite", action="store_true", help="replace the file if it is there with other content")
+    p.set_defaults(run=verbs.make_pairs)
 
     p = sub.add_parser("make-tiny-model", help="write a tiny random model with a local tokenizer (for trying things out)")
     p.add_argument("out_dir")

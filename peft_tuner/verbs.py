@@ -193,6 +193,15 @@ def make_chat_data(args) -> int:
     return 0
 
 
+def make_pairs(args) -> int:
+    from peft_tuner.chat_data import build_pairs
+
+    counts = build_pairs(args.chat_file, args.predictions, args.out_file, overwrite=args.overwrite)
+    print(f"{args.out_file}: {counts['pairs']} pairs of {counts['rows']} rows ({counts['same_answer']} where the "
+          f"model already gives the reference answer)")
+    return 0
+
+
 def make_tiny(args) -> int:
     from peft_tuner.tiny import build_tiny_model
 

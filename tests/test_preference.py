@@ -294,3 +294,32 @@ def test_the_example_recipe_reads_pairs_of_each_shape(tiny_models, tmp_path, sha
     tokenizer = AutoTokenizer.from_pretrained(tiny_models["llama"])
     assert tokenizer.decode(chosen).startswith(pair_rows()[0]["chosen"].strip())
     assert tokenizer.decode(prompt).rstrip().endswith("assistant")  # the chat template's turns around the answer
+
+
+def test_make_pairs_takes_the_reference_as_chosen_and_the_models_different_answer_as_rejected(tmp_path):
+    from conftest import BIN
+    from peft_tuner.data import DataError
+
+    chats = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}], "source": "s"}
+             for i in range(3)]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats))
+    outputs = ["a0", "wrong", " a2 "]  # the first and the last already give the reference answer
+    (tmp_path / "pred.jsonl").write_text("".join(json.dumps({"index": i, "output": o, "reference": f"a{i}"}) + "\n"
+                                                 for i, o in enumerate(outputs)))
+    out = tmp_path / "pairs.jsonl"
+    done = run([str(BIN / "peft-tuner"), "make-pairs", str(tmp_path / "chat.jsonl"),
+                str(tmp_path / "pred.jsonl"), str(out)])
+    assert "1 pairs of 3 rows (2 where the model already gives the reference answer)" in done.stdout
+    assert [json.loads(line) for line in out.read_text().splitlines()] == [
+        {"prompt": [{"role": "user", "content": "q1"}], "chosen": "a1", "rejected": "wrong", "source": "s"}]
+    from peft_tuner.chat_data import build_pairs
+
+    (tmp_path / "other.jsonl").write_text("".join(json.dumps({"index": i, "output": "x", "reference": "other"}) + "\n"
+                                                  for i in range(3)))
+    with pytest.raises(DataError, match="row 1 answers another question"):
+        build_pairs(tmp_path / "chat.jsonl", tmp_path / "other.jsonl", tmp_path / "p2.jsonl")
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text("a file of the user's\n")
+    with pytest.raises(DataError, match="is there with other content; pass --overwrite"):
+        build_pairs(tmp_path / "chat.jsonl", tmp_path / "pred.jsonl", mine)
+    assert mine.read_text() == "a file of the user's\n"
